@@ -1,0 +1,3 @@
+from finepose.cli import main
+
+raise SystemExit(main())
