@@ -1,0 +1,248 @@
+"""Camera geometry: world <-> camera transforms, projection with distortion, screen normalisation.
+
+Conventions (Human3.6M):
+- World and camera coordinates are right-handed; the camera looks along +z, x to the
+  right and y down in the image.
+- ``R`` is the world-to-camera rotation and ``t`` the camera centre in world
+  coordinates: ``X_cam = R @ (X_world - t)``. In ``cameras.h5`` (3d-pose-baseline
+  layout) the stored matrix is the transpose, ``R = R_h5.T`` and ``t = T``; in the
+  reference JSON (VideoPose3D layout) the orientation is the quaternion (w, x, y, z) of
+  the camera-to-world rotation, so ``R = quaternion_to_matrix(q).T``.
+- Distortion is the Human3.6M model (radial k1..k3, tangential p1, p2) with ``p`` in
+  the reference JSON's order; ``cameras.h5`` stores the same two numbers swapped
+  (``p = p_h5[::-1]``). With ``(x, y) = (X/Z, Y/Z)`` and ``r2 = x^2 + y^2``::
+
+      radial = 1 + k1 r2 + k2 r2^2 + k3 r2^3
+      tan    = p1 x + p2 y
+      x_d    = x (radial + tan) + p1 r2
+      y_d    = y (radial + tan) + p2 r2
+      u, v   = fx x_d + cx, fy y_d + cy
+
+  This is the formula of the dataset's own MATLAB code (and of VideoPose3D); it is
+  not OpenCV's Brown-Conrady model (which has factors of 2 and pairs p differently).
+- Screen normalisation maps pixels to [-1, 1] by the image width, keeping the aspect:
+  ``x / w * 2 - 1``, ``y / w * 2 - h / w``.
+
+Projection and normalisation functions accept numpy arrays or torch tensors (the
+camera parameters are converted to the points' type, dtype and device) and broadcast
+parameters against the points' leading dimensions.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from finepose.io import FinePoseError
+
+# Camera ids in the order VideoPose3D's npz files index cameras (0..3).
+H36M_CAMERA_IDS = ("54138969", "55011271", "58860488", "60457274")
+H36M_SUBJECTS = ("S1", "S5", "S6", "S7", "S8", "S9", "S11")
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def _param(value: Any, like: Any) -> Any:
+    """``value`` as an array of the same kind (numpy/torch), float dtype and device as ``like``."""
+    if _is_torch(like):
+        import torch
+
+        return torch.as_tensor(np.asarray(value, dtype=np.float64), dtype=like.dtype, device=like.device)
+    dtype = like.dtype if np.issubdtype(np.asarray(like).dtype, np.floating) else np.float64
+    return np.asarray(value, dtype=dtype)
+
+
+def _float(x: Any) -> Any:
+    if _is_torch(x):
+        return x if x.is_floating_point() else x.float()
+    x = np.asarray(x)
+    return x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float64)
+
+
+# --- rotations ----------------------------------------------------------------------------
+
+def quaternion_to_matrix(q: Any) -> np.ndarray:
+    """Unit quaternion (w, x, y, z) -> 3x3 rotation matrix that rotates vectors by q."""
+    w, x, y, z = np.asarray(q, dtype=np.float64) / np.linalg.norm(q)
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+        [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+        [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+def world_to_camera(points: Any, R: Any, t: Any) -> Any:
+    """(..., 3) world points -> camera coordinates, ``R @ (X - t)``; t in the points' units."""
+    points = _float(points)
+    return (points - _param(t, points)) @ _param(R, points).T
+
+
+def camera_to_world(points: Any, R: Any, t: Any) -> Any:
+    """Inverse of ``world_to_camera``: ``R.T @ X + t``."""
+    points = _float(points)
+    return points @ _param(R, points) + _param(t, points)
+
+
+# --- projection ---------------------------------------------------------------------------
+
+def project(points: Any, f: Any, c: Any, k: Any = None, p: Any = None, clamp: bool = True) -> Any:
+    """(..., 3) camera-space points -> (..., 2) pixels with the Human3.6M distortion model.
+
+    ``f``, ``c`` are (..., 2) focal lengths and principal point in pixels, ``k`` (..., 3)
+    radial and ``p`` (..., 2) tangential coefficients (None = no distortion); all
+    broadcast against ``points[..., :2]``. ``clamp`` limits x/z and y/z to [-1, 1] before
+    the distortion polynomial (as VideoPose3D does) so that points far outside the field
+    of view, e.g. from a noisy 3D hypothesis, cannot blow up; real H36M poses stay well
+    inside (|x/z| < 0.6).
+    """
+    points = _float(points)
+    xy = points[..., :2] / points[..., 2:3]                       # (..., 2) normalised image plane
+    if clamp:
+        xy = xy.clip(-1.0, 1.0)
+    if k is not None or p is not None:
+        r2 = xy[..., 0:1] ** 2 + xy[..., 1:2] ** 2                # (..., 1)
+        radial = 1.0
+        if k is not None:
+            k = _param(k, points)
+            radial = 1.0 + k[..., 0:1] * r2 + k[..., 1:2] * r2 ** 2 + k[..., 2:3] * r2 ** 3
+        if p is not None:
+            p = _param(p, points)
+            tan = p[..., 0:1] * xy[..., 0:1] + p[..., 1:2] * xy[..., 1:2]
+            xy = xy * (radial + tan) + p * r2
+        else:
+            xy = xy * radial
+    return _param(f, points) * xy + _param(c, points)
+
+
+def project_pinhole(points: Any, f: Any, c: Any) -> Any:
+    """(..., 3) camera-space points -> (..., 2) pixels, no distortion and no clamping."""
+    return project(points, f, c, clamp=False)
+
+
+def normalize_screen(pixels: Any, w: float, h: float) -> Any:
+    """Pixels -> screen coordinates: x in [-1, 1], y scaled by the same factor (``y/w*2 - h/w``)."""
+    pixels = _float(pixels)
+    return pixels / w * 2 - _param([1.0, h / w], pixels)
+
+
+def denormalize_screen(screen: Any, w: float, h: float) -> Any:
+    """Inverse of ``normalize_screen``."""
+    screen = _float(screen)
+    return (screen + _param([1.0, h / w], screen)) * w / 2
+
+
+# --- camera objects -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Camera:
+    """One calibrated camera of one subject's recordings.
+
+    ``t`` is in millimetres (the calibration's unit); ``world_to_camera`` takes the
+    points' unit. ``p`` follows the module convention (reference JSON order).
+    """
+
+    id: str
+    res_w: int
+    res_h: int
+    f: np.ndarray                 # (2,) fx, fy pixels
+    c: np.ndarray                 # (2,) cx, cy pixels
+    k: np.ndarray                 # (3,) radial
+    p: np.ndarray                 # (2,) tangential
+    R: np.ndarray | None = None   # (3, 3) world -> camera rotation
+    t: np.ndarray | None = None   # (3,) camera centre, world mm
+    subject: str | None = None
+
+    def world_to_camera(self, points: Any, unit: str = "mm") -> Any:
+        if self.R is None or self.t is None:
+            raise ValueError(f"camera {self.id} of {self.subject} has no extrinsics")
+        return world_to_camera(points, self.R, self.t * _UNIT_SCALE[unit])
+
+    def camera_to_world(self, points: Any, unit: str = "mm") -> Any:
+        if self.R is None or self.t is None:
+            raise ValueError(f"camera {self.id} of {self.subject} has no extrinsics")
+        return camera_to_world(points, self.R, self.t * _UNIT_SCALE[unit])
+
+    def project(self, points_cam: Any, distort: bool = True, clamp: bool = True) -> Any:
+        if distort:
+            return project(points_cam, self.f, self.c, self.k, self.p, clamp=clamp)
+        return project(points_cam, self.f, self.c, clamp=clamp)
+
+    def table_row(self, dataset: str, subject: str | None = None) -> dict[str, Any]:
+        """A row for ``finepose.data.table.build_camera_table``."""
+        return dict(dataset=dataset, subject=subject or self.subject, camera=self.id,
+                    res_w=int(self.res_w), res_h=int(self.res_h),
+                    fx=float(self.f[0]), fy=float(self.f[1]), cx=float(self.c[0]), cy=float(self.c[1]),
+                    k=[float(v) for v in self.k], p=[float(v) for v in self.p],
+                    model="pinhole_radtan", intrinsics_source="calibration")
+
+
+_UNIT_SCALE = {"mm": 1.0, "m": 1e-3}
+
+
+def intrinsics_from_row(row: Mapping[str, Any]) -> dict[str, np.ndarray | None]:
+    """A cameras.parquet row -> keyword arguments for ``project`` (f, c, k, p).
+
+    Missing distortion becomes None (pinhole). Raises ValueError when the row has no
+    focal length (``intrinsics_source == 'missing'``).
+    """
+    if row.get("fx") is None or row.get("cx") is None:
+        raise ValueError(f"camera {row.get('camera')} of {row.get('subject')} has no intrinsics")
+    k, p = row.get("k"), row.get("p")
+    return dict(f=np.array([row["fx"], row["fy"]], dtype=np.float64),
+                c=np.array([row["cx"], row["cy"]], dtype=np.float64),
+                k=np.asarray(k, dtype=np.float64) if k else None,
+                p=np.asarray(p, dtype=np.float64) if p else None)
+
+
+def load_h36m_cameras(path: str | Path | None = None) -> dict[tuple[str, str], Camera]:
+    """Human3.6M cameras from the reference JSON: {(subject, camera_id): Camera}.
+
+    ``path`` defaults to the copy shipped as package data
+    (``finepose/resources/h36m_cameras.json``). Subjects without extrinsics (S2-S4)
+    are left out.
+    """
+    if path is None:
+        text = resources.files("finepose").joinpath("resources/h36m_cameras.json").read_text()
+        origin = "finepose/resources/h36m_cameras.json"
+    else:
+        origin = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise FinePoseError(f"{origin}: cannot read camera file ({exc})") from exc
+    try:
+        data = json.loads(text)
+        intrinsics = {str(cam["id"]): cam for cam in data["intrinsics"]}
+        out: dict[tuple[str, str], Camera] = {}
+        for subject, extrinsics in data["extrinsics"].items():
+            for cam_id, ext in zip(intrinsics, extrinsics):
+                if not ext:
+                    continue
+                intr = intrinsics[cam_id]
+                out[(subject, cam_id)] = Camera(
+                    id=cam_id, res_w=int(intr["res_w"]), res_h=int(intr["res_h"]),
+                    f=np.asarray(intr["focal_length"], dtype=np.float64),
+                    c=np.asarray(intr["center"], dtype=np.float64),
+                    k=np.asarray(intr["radial_distortion"], dtype=np.float64),
+                    p=np.asarray(intr["tangential_distortion"], dtype=np.float64),
+                    R=quaternion_to_matrix(ext["orientation"]).T,
+                    t=np.asarray(ext["translation"], dtype=np.float64),
+                    subject=subject,
+                )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FinePoseError(f"{origin}: not a Human3.6M camera file in the reference layout ({exc!r})") from exc
+    return out
+
+
+def h36m_resolution(camera_id: str) -> tuple[int, int]:
+    """(res_w, res_h) of a Human3.6M camera (the sensor size does not depend on the subject)."""
+    for (_, cam_id), cam in load_h36m_cameras().items():
+        if cam_id == camera_id:
+            return cam.res_w, cam.res_h
+    raise KeyError(f"unknown Human3.6M camera id {camera_id!r}; known: {', '.join(H36M_CAMERA_IDS)}")
