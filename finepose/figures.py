@@ -1,0 +1,237 @@
+"""Figures beside the tables (PNG, matplotlib with the Agg backend; called by the `tables` verb).
+
+- ``action_mpjpe.png``: Human3.6M MPJPE per action, ours (compare mode and GT-free mode) against the paper.
+- ``steps_<dataset>.png``: MPJPE after each DDIM step, one line per aggregation mode (oracle modes dashed).
+- ``skeleton_<dataset>.png``: one predicted 3D pose beside the ground truth, from the frames an
+  evaluation saved (``poses.npz`` beside its summary.json; see :func:`find_pose_example`).
+
+Every figure says in its title whether it shows the demo (synthetic data, tiny model).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from finepose.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+MODE_ORDER = ("mean", "p_agg", "j_agg", "p_best", "j_best")
+MODE_LABELS = {"j_best": "J-Best (oracle)", "p_best": "P-Best (oracle)", "j_agg": "J-Agg (GT-free)",
+               "p_agg": "P-Agg (GT-free)", "mean": "mean of hypotheses"}
+POSES_FILE = "poses.npz"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def _title(spec: Mapping[str, Any], what: str) -> str:
+    prefix = spec.get("title", "")
+    return f"{prefix}\n{what}" if prefix else what
+
+
+# --------------------------------------------------------------------------- per-action bars
+
+def action_bars(actions: Sequence[str], paper: Sequence[float | None], ours: Sequence[float | None],
+                ours_free: Sequence[float | None], labels: tuple[str, str, str], title: str, path: Path) -> Path:
+    """Grouped bars per action; a missing value leaves its bar out (never drawn as zero)."""
+    plt = _pyplot()
+    x = np.arange(len(actions))
+    width = 0.27
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.7 * len(actions) + 2), 4.2))
+    for offset, values, label, hatch in ((-width, paper, labels[0], ""), (0.0, ours, labels[1], ""),
+                                         (width, ours_free, labels[2], "//")):
+        heights = np.array([np.nan if v is None else v for v in values], dtype=float)
+        ax.bar(x + offset, np.nan_to_num(heights), width, label=label, hatch=hatch)   # missing: no bar
+        for xi, h in zip(x + offset, heights):
+            if np.isnan(h):
+                ax.text(xi, 0.5, "not run", rotation=90, ha="center", va="bottom", fontsize=6, color="grey")
+    ax.set_xticks(x, actions, rotation=45, ha="right")
+    ax.set_ylabel("MPJPE (mm)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- per-step curves
+
+def step_curves(summary: Mapping[str, Any], title: str, path: Path, metric: str = "mpjpe",
+                average: str = "frames") -> Path | None:
+    """MPJPE after DDIM step 1..M, one line per aggregation mode; None when the summary has no such rows."""
+    from finepose.tables import headline_value
+
+    plt = _pyplot()
+    modes = {r["mode"] for r in summary["results"]}
+    steps = sorted({int(r["step"]) for r in summary["results"]})
+    if not steps:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = 0
+    for mode in [m for m in MODE_ORDER if m in modes] + sorted(modes - set(MODE_ORDER)):
+        values = [headline_value(summary, mode, metric, average, step=s) for s in steps]
+        if all(v is None for v in values):
+            continue
+        oracle = any(r.get("oracle") for r in summary["results"] if r["mode"] == mode)
+        ax.plot(steps, [np.nan if v is None else v for v in values], marker="o", ls="--" if oracle else "-",
+                label=MODE_LABELS.get(mode, mode))
+        drawn += 1
+    if not drawn:
+        _pyplot().close(fig)
+        return None
+    ax.set_xlabel("DDIM step m (x0 estimate after m of M steps)")
+    ax.set_ylabel(f"{metric.upper().replace('_', '-')} (mm)")
+    ax.set_xticks(steps)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- skeletons
+
+def skeleton_figure(pred: np.ndarray, gt: np.ndarray, parents: Sequence[int], right: Sequence[int],
+                    title: str, path: Path) -> Path:
+    """One pose: prediction (blue left / orange right, as the paper's Fig. 3) over the ground truth (grey).
+
+    ``pred``, ``gt``: (joints, 3) in metres, root-relative, camera frame (x right, y down, z forward);
+    drawn with y up and z into the page.
+    """
+    plt = _pyplot()
+    fig = plt.figure(figsize=(5, 5))
+    ax = fig.add_subplot(projection="3d")
+    right_set = set(int(j) for j in right)
+
+    def draw(pose: np.ndarray, colour_of, lw: float, label: str) -> None:
+        first = True
+        for j, parent in enumerate(parents):
+            if parent < 0:
+                continue
+            xs, ys, zs = ([pose[j, 0], pose[parent, 0]], [pose[j, 2], pose[parent, 2]],
+                          [-pose[j, 1], -pose[parent, 1]])
+            ax.plot(xs, ys, zs, color=colour_of(j), lw=lw, label=label if first else None)
+            first = False
+
+    draw(gt, lambda j: "0.6", 4.0, "ground truth")
+    draw(pred, lambda j: "tab:orange" if j in right_set else "tab:blue", 2.0, "prediction")
+    both = np.concatenate([pred, gt])
+    centre, radius = both.mean(axis=0), max(float(np.abs(both - both.mean(axis=0)).max()), 0.1)
+    ax.set_xlim(centre[0] - radius, centre[0] + radius)
+    ax.set_ylim(centre[2] - radius, centre[2] + radius)
+    ax.set_zlim(-centre[1] - radius, -centre[1] + radius)
+    ax.set_xlabel("x (m)")
+    ax.set_ylabel("z (m)")
+    ax.set_zlabel("-y (m)")
+    ax.view_init(elev=15, azim=-70)
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7, loc="upper left")
+    return _save(fig, path)
+
+
+def find_pose_example(summary_path: Path) -> dict[str, Any] | None:
+    """The first saved frame of an evaluation: ``poses.npz`` beside summary.json, or None.
+
+    Expected arrays: ``pred`` (N, J, 3) and ``gt`` (N, J, 3) in metres, root-relative; optional
+    ``mode`` (str) and ``joint_set`` (str) and ``label`` (str, e.g. sequence and frame).
+    """
+    path = summary_path.parent / POSES_FILE
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        if "pred" not in data or "gt" not in data:
+            log.warning("%s: has no 'pred'/'gt' arrays; no skeleton figure", path)
+            return None
+        pred, gt = np.asarray(data["pred"], dtype=float), np.asarray(data["gt"], dtype=float)
+        extra = {k: str(data[k]) for k in ("mode", "joint_set", "label") if k in data}
+    if pred.ndim == 2:
+        pred, gt = pred[None], gt[None]
+    if pred.shape != gt.shape or pred.ndim != 3 or pred.shape[-1] != 3 or len(pred) == 0:
+        log.warning("%s: pred %s and gt %s are not matching (N, J, 3) arrays", path, pred.shape, gt.shape)
+        return None
+    # the frame with the median error: typical, neither the best nor the worst
+    errors = np.linalg.norm(pred - gt, axis=-1).mean(axis=-1)
+    index = int(np.argsort(errors)[len(errors) // 2])
+    return {"pred": pred[index], "gt": gt[index], "error_mm": float(errors[index] * 1000), **extra}
+
+
+# --------------------------------------------------------------------------- all figures
+
+def make_figures(spec: Mapping[str, Any], runs: Sequence[Any], tables: Sequence[Any],
+                 paper: Mapping[str, Any], out: Path, base: Path = Path(".")) -> list[Path]:
+    """Every figure the spec's data allows; returns the PNG files written."""
+    from finepose.tables import ACTION_SHORT, H36M_ACTIONS, MODE_LABELS as TABLE_MODES, group_values
+
+    written: list[Path] = []
+    compare = spec.get("compare_mode", "j_best")
+    free = spec.get("gt_free_mode", "j_agg")
+    tables_spec = spec.get("tables", {})
+
+    # per-action bars (Table 2's data)
+    t2 = tables_spec.get("table2")
+    if t2:
+        t2_runs = [r for r in runs if r.dataset == t2["dataset"] and r.source_2d == t2["source_2d"]
+                   and r.variant == "finepose" and r.summary is not None]
+
+        def mean_over_seeds(mode: str, action: str) -> float | None:
+            values = [group_values(r.summary, mode, "mpjpe", "action").get(action) for r in t2_runs]
+            values = [v for v in values if v is not None]
+            return sum(values) / len(values) if values else None
+
+        paper_actions = paper["table2"]["finepose"]
+        written.append(action_bars(
+            [ACTION_SHORT[a] for a in H36M_ACTIONS], [paper_actions.get(a) for a in H36M_ACTIONS],
+            [mean_over_seeds(compare, a) for a in H36M_ACTIONS], [mean_over_seeds(free, a) for a in H36M_ACTIONS],
+            (f"paper ({TABLE_MODES.get(compare, compare)})", f"ours ({TABLE_MODES.get(compare, compare)})",
+             f"ours ({TABLE_MODES.get(free, free)})"),
+            _title(spec, f"Human3.6M MPJPE per action, 2D source {t2['source_2d']}"), out / "action_mpjpe.png"))
+
+    # per-step curves and a skeleton per dataset: the first finepose run (lowest seed) of each dataset
+    firsts: dict[str, Any] = {}
+    for run in sorted(runs, key=lambda r: (r.dataset, r.source_2d != "gt", r.seed)):
+        if run.variant == "finepose" and run.summary is not None:
+            firsts.setdefault(run.dataset, run)
+    for dataset, run in sorted(firsts.items()):
+        average = "actions" if any(r.get("group") == "action" for r in run.summary["results"]) \
+            and dataset.startswith("h36m") else "frames"
+        path = step_curves(run.summary, _title(spec, f"{dataset}, 2D {run.source_2d}: MPJPE per DDIM step"),
+                           out / f"steps_{dataset}.png", average=average)
+        if path is not None:
+            written.append(path)
+        summary_path = run.path if run.path.is_absolute() else base / run.path
+        example = find_pose_example(summary_path)
+        if example is None:
+            log.info("%s: no %s beside %s; no skeleton figure for this dataset", dataset, POSES_FILE, summary_path)
+            continue
+        parents, right = _skeleton_of(example.get("joint_set"), example["gt"].shape[0])
+        what = (f"{dataset}, 2D {run.source_2d}, {example.get('mode', compare)}: prediction vs ground truth "
+                f"({example['error_mm']:.1f} mm{', ' + example['label'] if 'label' in example else ''})")
+        written.append(skeleton_figure(example["pred"], example["gt"], parents, right, _title(spec, what),
+                                       out / f"skeleton_{dataset}.png"))
+    return written
+
+
+def _skeleton_of(joint_set: str | None, num_joints: int) -> tuple[list[int], list[int]]:
+    """Parents and right-side joints from finepose.skeleton (H36M-17 when the set is not named)."""
+    from finepose.skeleton import get_joint_set
+
+    name = joint_set or "h36m17"
+    joints = get_joint_set(name)
+    if joints.num_joints != num_joints:
+        raise ValueError(f"joint set {name} has {joints.num_joints} joints, the saved poses have {num_joints}")
+    return list(joints.parents), list(joints.right)
