@@ -1,0 +1,246 @@
+"""finepose.aggregate: mean, P-Best / J-Best oracles, P-Agg / J-Agg (JPMA), root estimation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from finepose import aggregate as A
+from finepose import metrics
+from finepose.camera import load_h36m_cameras
+from finepose.io import FinePoseError
+
+J = 17
+
+
+@pytest.fixture(scope="module")
+def camera():
+    """A real Human3.6M camera (S9, 54138969): intrinsics with radial and tangential distortion."""
+    cam = load_h36m_cameras()[("S9", "54138969")]
+    return {"f": cam.f, "c": cam.c, "k": cam.k, "p": cam.p}
+
+
+def _scene(frames=6, clips=2, seed=0):
+    """Root-relative poses (m), a root trajectory ~4.5 m in front of the camera."""
+    rng = np.random.default_rng(seed)
+    gt = rng.normal(scale=0.25, size=(clips, frames, J, 3))
+    gt[..., 0, :] = 0.0                                                 # root joint at the origin
+    traj = np.stack([rng.uniform(-0.5, 0.5, (clips, frames)), rng.uniform(-0.3, 0.3, (clips, frames)),
+                     rng.uniform(4.0, 5.5, (clips, frames))], axis=-1)  # (B, F, 3)
+    return gt, traj
+
+
+def _lateral(rng, shape, size):
+    """Offsets of a given length in the image plane (x, y), so they show in the 2D reprojection."""
+    angle = rng.uniform(0, 2 * np.pi, shape)
+    return np.stack([np.cos(angle), np.sin(angle), np.zeros(shape)], -1) * size
+
+
+# ---------------------------------------------------------------- mean and oracles
+def test_hypothesis_mean_keeps_the_array_kind():
+    hyps = np.random.default_rng(0).normal(size=(2, 3, 4, J, 3))
+    np.testing.assert_allclose(A.hypothesis_mean(hyps), hyps.mean(axis=1))
+    out = A.hypothesis_mean(torch.tensor(hyps, dtype=torch.float32))
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == (2, 4, J, 3)
+    pose, info = A.aggregate(hyps, "mean")
+    assert info == {"mode": "mean", "oracle": False, "uses_gt_root": False, "root": None, "selected": None}
+
+
+def test_p_best_is_chosen_per_clip_not_per_batch():
+    gt, _ = _scene(frames=5, clips=2)
+    rng = np.random.default_rng(1)
+    hyps = np.repeat(gt[:, None], 3, axis=1) + rng.normal(scale=0.05, size=(2, 3, 5, J, 3))
+    hyps[0, 1] = gt[0] + 0.001                                          # clip 0: hypothesis 1 is best
+    hyps[1, 2] = gt[1] - 0.002                                          # clip 1: hypothesis 2 is best
+    hyps[1, 1] += 0.5                                                   # ... and hypothesis 1 is awful there
+    pose, selected = A.p_best(hyps, gt)
+    assert selected.tolist() == [1, 2]
+    np.testing.assert_allclose(pose[0], gt[0] + 0.001)
+    np.testing.assert_allclose(pose[1], gt[1] - 0.002)
+    # the released code picks one hypothesis for the whole batch: here that would be 2 (or 0) for both
+    batch_err = np.linalg.norm(hyps - gt[:, None], axis=-1).mean(axis=(0, 2, 3))
+    assert batch_err.argmin() != 1
+    assert metrics.mpjpe(pose, gt) < metrics.mpjpe(hyps[:, batch_err.argmin()], gt)
+
+
+def test_p_best_frame_mask_ignores_padded_frames():
+    gt = np.zeros((1, 4, J, 3))
+    hyps = np.zeros((1, 2, 4, J, 3))
+    hyps[0, 0, :3] += 0.01                                              # hyp 0: 10 mm on the real frames
+    hyps[0, 1, :3] += 0.02                                              # hyp 1: 20 mm on the real frames
+    hyps[0, 1, 3] += 0.0                                                # ... but exact on the padded frame
+    hyps[0, 0, 3] += 1.0                                                # hyp 0: 1 m off on the padded frame
+    assert A.p_best(hyps, gt)[1].tolist() == [1]
+    mask = np.array([[True, True, True, False]])
+    assert A.p_best(hyps, gt, frame_mask=mask)[1].tolist() == [0]
+
+
+def test_j_best_takes_each_joint_from_its_best_hypothesis():
+    gt, _ = _scene(frames=3, clips=2)
+    rng = np.random.default_rng(2)
+    H = 4
+    owner = rng.integers(0, H, size=(2, 3, J))                          # which hypothesis is exact where
+    hyps = np.repeat(gt[:, None], H, axis=1) + _lateral(rng, (2, H, 3, J), 0.05)
+    for h in range(H):
+        exact = owner == h
+        hyps[:, h][exact] = gt[exact]
+    pose, selected = A.j_best(hyps, gt)
+    np.testing.assert_allclose(pose, gt)
+    np.testing.assert_array_equal(selected, owner)
+    _, info = A.aggregate(hyps, "j_best", gt=gt)
+    assert info["oracle"] and not info["uses_gt_root"]
+
+
+def test_oracles_accept_a_leading_step_axis():
+    gt, _ = _scene(frames=2, clips=3)
+    hyps = np.random.default_rng(3).normal(scale=0.1, size=(4, 3, 5, 2, J, 3)) + gt[None, :, None]
+    pose, selected = A.p_best(hyps, gt)
+    assert pose.shape == (4, 3, 2, J, 3) and selected.shape == (4, 3)
+    for m in range(4):
+        for b in range(3):
+            errs = [metrics.mpjpe(hyps[m, b, h], gt[b]) for h in range(5)]
+            assert selected[m, b] == int(np.argmin(errs))
+    pose, selected = A.j_best(hyps, gt)
+    assert pose.shape == (4, 3, 2, J, 3) and selected.shape == (4, 3, 2, J)
+
+
+# ---------------------------------------------------------------- root estimation and reprojection
+def test_estimate_root_is_exact_for_pinhole_and_distorted_projections(camera):
+    gt, traj = _scene(frames=5, clips=2)
+    pinhole = {"f": camera["f"], "c": camera["c"]}
+    for intr in (pinhole, camera):
+        kp = A.reproject(gt, traj, intr)                                # (B, F, J, 2) pixels
+        assert kp.shape == (2, 5, J, 2)
+        np.testing.assert_allclose(A.estimate_root(gt, kp, intr), traj, atol=1e-7)
+    # the same camera as a 9-vector, shared by all clips, and torch in -> torch out
+    vec = np.concatenate([camera["f"], camera["c"], camera["k"], camera["p"]])
+    kp = A.reproject(gt, traj, vec)
+    est = A.estimate_root(torch.tensor(gt), torch.tensor(kp), torch.tensor(vec))
+    assert isinstance(est, torch.Tensor)
+    np.testing.assert_allclose(est.numpy(), traj, atol=1e-7)
+
+
+def test_estimate_root_per_clip_intrinsics_and_weights():
+    gt, traj = _scene(frames=4, clips=2)
+    per_clip = np.array([[1145.0, 1144.0, 512.0, 515.0], [1500.0, 1500.0, 1017.0, 1043.0]])  # (B, 4)
+    kp = A.reproject(gt, traj, per_clip)
+    np.testing.assert_allclose(A.estimate_root(gt, kp, per_clip), traj, atol=1e-7)
+    corrupted = kp.copy()
+    corrupted[..., 5, :] += 80.0                                       # one joint's 2D is 80 px off
+    assert np.abs(A.estimate_root(gt, corrupted, per_clip) - traj).max() > 1e-3
+    weights = np.ones((2, 4, J))
+    weights[..., 5] = 0.0
+    np.testing.assert_allclose(A.estimate_root(gt, corrupted, per_clip, weights=weights), traj, atol=1e-7)
+
+
+# ---------------------------------------------------------------- P-Agg and J-Agg (JPMA)
+def _jpma_case(camera, H=4, seed=4):
+    gt, traj = _scene(frames=5, clips=2, seed=seed)
+    kp = A.reproject(gt, traj, camera)
+    rng = np.random.default_rng(seed)
+    owner = rng.integers(0, H, size=(2, 5, J))
+    owner[..., 0] = 0                                                  # the root is exact everywhere
+    hyps = np.repeat(gt[:, None], H, axis=1) + _lateral(rng, (2, H, 5, J), 0.04)
+    hyps[..., 0, :] = 0.0
+    for h in range(H):
+        exact = owner == h
+        hyps[:, h][exact] = gt[exact]
+    return gt, traj, kp, hyps, owner
+
+
+def test_j_agg_with_gt_root_recovers_the_joints_that_reproject_best(camera):
+    gt, traj, kp, hyps, owner = _jpma_case(camera)
+    pose, info = A.aggregate(hyps, "j_agg", keypoints_2d=kp, intrinsics=camera, root="gt", trajectory=traj)
+    np.testing.assert_allclose(pose, gt, atol=1e-12)
+    np.testing.assert_array_equal(info["selected"][..., 1:], owner[..., 1:])
+    assert info == {**info, "mode": "j_agg", "oracle": False, "uses_gt_root": True, "root": "gt"}
+
+
+@pytest.mark.parametrize("root", ["estimate", "estimate_each"])
+def test_j_agg_with_an_estimated_root_needs_no_ground_truth(camera, root):
+    gt, traj, kp, hyps, owner = _jpma_case(camera)
+    pose, info = A.aggregate(hyps, "j_agg", keypoints_2d=kp, intrinsics=camera, root=root)
+    assert info["uses_gt_root"] is False and info["root"] == root and not info["oracle"]
+    correct = (info["selected"] == owner)[..., 1:].mean()
+    assert correct > 0.9                                                # nearly every joint found
+    mean_err = metrics.mpjpe(A.hypothesis_mean(hyps), gt)
+    assert metrics.mpjpe(pose, gt) < 0.25 * mean_err
+
+
+def test_p_agg_picks_per_frame_the_pose_that_reprojects_best(camera):
+    gt, traj = _scene(frames=5, clips=2, seed=5)
+    kp = A.reproject(gt, traj, camera)
+    rng = np.random.default_rng(5)
+    H = 3
+    best = rng.integers(0, H, size=(2, 5))
+    hyps = np.repeat(gt[:, None], H, axis=1) + _lateral(rng, (2, H, 5, J), 0.05)
+    hyps[..., 0, :] = 0.0
+    for b in range(2):
+        for f in range(5):
+            hyps[b, best[b, f], f] = gt[b, f]
+    for root in ("gt", "estimate_each"):
+        pose, info = A.aggregate(hyps, "p_agg", keypoints_2d=kp, intrinsics=camera, root=root, trajectory=traj)
+        np.testing.assert_array_equal(info["selected"], best)
+        np.testing.assert_allclose(pose, gt, atol=1e-12)
+        assert info["uses_gt_root"] == (root == "gt")
+
+
+def test_jpma_with_a_step_axis_and_torch(camera):
+    gt, traj, kp, hyps, owner = _jpma_case(camera)
+    steps = torch.tensor(np.stack([hyps, hyps[:, ::-1]]), dtype=torch.float32)  # (M=2, B, H, F, J, 3)
+    pose, info = A.aggregate(steps, "j_agg", keypoints_2d=torch.tensor(kp), intrinsics=camera,
+                             root="gt", trajectory=torch.tensor(traj))
+    assert isinstance(pose, torch.Tensor) and pose.shape == (2, 2, 5, J, 3) and pose.dtype == torch.float32
+    torch.testing.assert_close(pose[0], torch.tensor(gt, dtype=torch.float32), atol=1e-6, rtol=0)
+    torch.testing.assert_close(pose[1], torch.tensor(gt, dtype=torch.float32), atol=1e-6, rtol=0)
+    H = hyps.shape[1]
+    np.testing.assert_array_equal(info["selected"][1, ..., 1:].numpy(), (H - 1 - owner)[..., 1:])
+
+
+def test_p_mpjpe_of_j_agg_aligns_the_aggregate(camera):
+    """Released fault 6: each hypothesis was aligned separately, then errors gathered per joint."""
+    gt, traj, kp, hyps, owner = _jpma_case(camera)
+    hyps = hyps * 1.1                                                   # scale errors: alignment matters
+    pose, info = A.aggregate(hyps, "j_agg", keypoints_2d=kp * 1.0, intrinsics=camera, root="gt", trajectory=traj)
+    ours = metrics.p_mpjpe(pose, gt)
+    by_hand = np.linalg.norm(metrics.procrustes_align(pose, gt) - gt, axis=-1).mean() * 1000
+    assert ours == pytest.approx(by_hand)
+    # the released number: align every hypothesis, then gather the selected joints' errors
+    per_hyp = metrics.joint_errors(hyps, np.repeat(gt[:, None], hyps.shape[1], 1), alignment="procrustes")
+    released = np.take_along_axis(per_hyp, info["selected"][:, None], axis=1).mean()
+    assert abs(released - ours) > 0.1                                   # a different quantity (mm)
+
+
+def test_aggregate_errors_name_the_missing_input(camera):
+    hyps = np.zeros((1, 2, 3, J, 3))
+    with pytest.raises(FinePoseError, match="ground-truth"):
+        A.aggregate(hyps, "p_best")
+    with pytest.raises(FinePoseError, match="intrinsics"):
+        A.aggregate(hyps, "j_agg", keypoints_2d=np.zeros((1, 3, J, 2)))
+    with pytest.raises(FinePoseError, match="trajectory"):
+        A.aggregate(hyps, "p_agg", keypoints_2d=np.zeros((1, 3, J, 2)), intrinsics=camera, root="gt")
+    with pytest.raises(ValueError):
+        A.aggregate(hyps, "median")
+    with pytest.raises(ValueError):
+        A.aggregate(hyps, "p_agg", keypoints_2d=np.zeros((1, 3, J, 2)), intrinsics=camera, root="nearest")
+    with pytest.raises(ValueError):
+        A.aggregate(hyps, "p_agg", keypoints_2d=np.zeros((1, 3, J, 2)), intrinsics=np.ones(5))
+
+
+# ---------------------------------------------------------------- real MPI-INF-3DHP annotations
+@pytest.mark.shared_data
+def test_root_estimate_and_reprojection_on_real_3dhp_annotations(mpi_test_raw):
+    h5py = pytest.importorskip("h5py")
+    fitted = {"TS5": [1683.48, 1671.93, 939.93, 560.21], "TS6": [1683.98, 1672.67, 939.85, 560.12]}  # protocol file
+    for ts, intr in fitted.items():
+        with h5py.File(mpi_test_raw / ts / "annot_data.mat", "r") as f:
+            valid = np.array(f["valid_frame"]).reshape(-1) == 1
+            annot3 = np.array(f["annot3"])[:, 0][valid]                 # (n, 17, 3) mm, camera frame
+            annot2 = np.array(f["annot2"])[:, 0][valid]                 # (n, 17, 2) px
+        root = annot3[:, 14]                                            # pelvis
+        rel = annot3 - root[:, None]
+        reproj = A.reproject(rel, root, np.array(intr))
+        assert np.linalg.norm(reproj - annot2, axis=-1).mean() < 1.0    # px: intrinsics fit the 2D
+        est = A.estimate_root(rel, annot2, np.array(intr))
+        err = np.linalg.norm(est - root, axis=-1)
+        assert err.mean() < 2.0 and err.max() < 10.0                    # mm, at 4-6 m from the camera
