@@ -53,6 +53,8 @@ def _param(value: Any, like: Any) -> Any:
     if _is_torch(like):
         import torch
 
+        if isinstance(value, torch.Tensor):  # e.g. per-clip intrinsics already on the GPU
+            return value.to(dtype=like.dtype, device=like.device)
         return torch.as_tensor(np.asarray(value, dtype=np.float64), dtype=like.dtype, device=like.device)
     dtype = like.dtype if np.issubdtype(np.asarray(like).dtype, np.floating) else np.float64
     return np.asarray(value, dtype=dtype)
