@@ -244,3 +244,18 @@ def test_root_estimate_and_reprojection_on_real_3dhp_annotations(mpi_test_raw):
         est = A.estimate_root(rel, annot2, np.array(intr))
         err = np.linalg.norm(est - root, axis=-1)
         assert err.mean() < 2.0 and err.max() < 10.0                    # mm, at 4-6 m from the camera
+
+
+@pytest.mark.gpu
+def test_jpma_on_cuda(camera):
+    if not torch.cuda.is_available():
+        pytest.skip("gpu: CUDA is not available here")
+    gt, traj, kp, hyps, owner = _jpma_case(camera)
+    dev = torch.device("cuda")
+    vec = torch.tensor(np.concatenate([camera["f"], camera["c"], camera["k"], camera["p"]]), device=dev)
+    for root in ("gt", "estimate"):
+        pose, info = A.aggregate(torch.tensor(hyps, device=dev, dtype=torch.float32), "j_agg",
+                                 keypoints_2d=torch.tensor(kp, device=dev), intrinsics=vec, root=root,
+                                 trajectory=torch.tensor(traj, device=dev))
+        assert pose.is_cuda and info["selected"].is_cuda
+        np.testing.assert_allclose(pose.cpu().numpy(), gt, atol=1e-6)

@@ -318,3 +318,29 @@ def test_flip_average_uses_the_mirrored_closure(diff):
     mirrored = lambda y, t: y + torch.tensor([0.0, 0.2, 0.0])  # noqa: E731
     expected = ((y + torch.tensor([0.1, 0.0, 0.0])) + (y + torch.tensor([0.0, 0.2, 0.0]))) / 2
     torch.testing.assert_close(flip_averaged(biased, flip, mirrored)(y, t), expected)
+
+
+# ---------------------------------------------------------------- devices
+@pytest.mark.gpu
+def test_sampling_and_loss_on_cuda_match_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("gpu: CUDA is not available here")
+    cpu = GaussianDiffusion()
+    cuda = GaussianDiffusion().to("cuda")
+    assert all(b.dtype == torch.float64 and b.is_cuda for b in cuda.buffers())
+    fn = lambda y, t: torch.tanh(y) * 0.5 + t.float().reshape(-1, 1, 1, 1) * 1e-4  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(2, 3, 4, 17, 3, generator=g)
+    step_noise = torch.randn(4, 2, 3, 4, 17, 3, generator=g)
+    a = cpu.ddim_sample(fn, (2, 4, 17, 3), hypotheses=3, steps=4, noise=noise, step_noise=step_noise)
+    b = cuda.ddim_sample(fn, (2, 4, 17, 3), hypotheses=3, steps=4, noise=noise.cuda(), step_noise=step_noise.cuda())
+    assert b.is_cuda
+    torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)
+    # a CPU generator drives a CUDA run with the same numbers as a CPU run
+    c = cuda.ddim_sample(fn, (2, 4, 17, 3), hypotheses=3, steps=4, generator=torch.Generator().manual_seed(1),
+                         device="cuda")
+    d = cpu.ddim_sample(fn, (2, 4, 17, 3), hypotheses=3, steps=4, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(c.cpu(), d, rtol=1e-5, atol=1e-5)
+    y0 = _gt().cuda()
+    loss = cuda.training_loss(lambda y, t: y0 + 0.001, y0, generator=torch.Generator().manual_seed(2))
+    assert loss.is_cuda and loss.item() == pytest.approx(math.sqrt(3) * 0.001, rel=1e-4)
