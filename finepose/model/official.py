@@ -1,0 +1,235 @@
+"""Convert the authors' released FinePOSE checkpoint to ours (compat_official: true).
+
+Reads ``checkpoint['model_pos']`` (the state_dict of the model wrapped in
+nn.DataParallel: every key starts with ``module.``): the 12 float64 diffusion
+buffers, the denoiser ``pose_estimator.*`` and its whole frozen CLIP ViT-B/32
+(``pose_estimator.clip_text.*``, vision tower included). Every key is mapped onto
+our model or explicitly dropped after a shape check (the diffusion buffers, which
+finepose.diffusion recomputes; CLIP's vision tower, text_projection and logit_scale,
+which the text branch never uses); a key left unmapped, or one of our keys left
+without a source, is an error that lists them. Shapes are checked against our model.
+The result loads with ``finepose.model.load_checkpoint`` and runs the released
+computation (compat_official: faults 1-3 of official_code_notes.md kept).
+
+``python -m finepose import-official CKPT --dataset h36m|3dhp --out OURS.pt``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from finepose.io import FinePoseError, sha256_file
+from finepose.model.config import H36M_ACTIONS, ModelConfig
+
+log = logging.getLogger(__name__)
+
+DIFFUSION_BUFFERS = (
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+)
+DATASETS = {"h36m": "h36m", "3dhp": "3dhp"}
+_PE = "pose_estimator."
+
+# Released context-vector names -> our segment names.
+_CTX = {"ctx_subject": "person", "ctx_verb": "action", "ctx_speed": "speed", "ctx_head": "head",
+        "ctx_body": "body", "ctx_arm": "arm", "ctx_leg": "leg"}
+
+# (released pattern, our replacement) for pose_estimator.* keys; first match wins.
+_RULES: tuple[tuple[str, str], ...] = (
+    (r"Spatial_pos_embed", "spatial_pos"),
+    (r"Temporal_pos_embed", "temporal_pos"),
+    (r"(ctx_\w+)", "<ctx>"),
+    (r"Spatial_patch_to_embedding\.(weight|bias)", r"joint_embed.\1"),
+    (r"time_mlp\.1\.(weight|bias)", r"time_embed.fc1.\1"),
+    (r"time_mlp\.3\.(weight|bias)", r"time_embed.fc2.\1"),
+    (r"STEblocks\.(\d+)\.(.+)", r"spatial_blocks.\1.\2"),
+    (r"TTEblocks\.(\d+)\.(.+)", r"temporal_blocks.\1.\2"),
+    (r"Spatial_norm\.(weight|bias)", r"spatial_norm.\1"),
+    (r"Temporal_norm\.(weight|bias)", r"temporal_norm.\1"),
+    (r"head\.0\.(weight|bias)", r"head_norm.\1"),
+    (r"head\.1\.(weight|bias)", r"head.\1"),
+    (r"temporal_cross_attn\.(norm|text_norm|query|key|value)\.(weight|bias)", r"fpc.\1.\2"),
+    (r"temporal_cross_attn\.proj_out\.emb_layers\.1\.(weight|bias)", r"pts.emb_proj.\1"),
+    (r"temporal_cross_attn\.proj_out\.norm\.(weight|bias)", r"pts.norm.\1"),
+    (r"temporal_cross_attn\.proj_out\.out_layers\.2\.(weight|bias)", r"pts.out.\1"),
+    (r"textTransEncoder\.layers\.(\d+)\.(.+)", r"prompts.encoder.layers.\1.\2"),
+    (r"text_ln\.(weight|bias)", r"prompts.norm.\1"),
+    (r"text_proj\.0\.(weight|bias)", r"prompts.pool_proj.\1"),
+    (r"clip_text\.(token_embedding\.weight|positional_embedding|ln_final\.(?:weight|bias))", r"prompts.clip.\1"),
+    (r"clip_text\.(transformer\.resblocks\.\d+\..+)", r"prompts.clip.\1"),
+)
+# Released keys dropped on purpose (after a shape check): unused by the text branch.
+_CLIP_UNUSED = re.compile(r"clip_text\.(visual\..+|text_projection|logit_scale)")
+
+
+def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """``checkpoint['model_pos']`` of a released checkpoint (plain tensors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FinePoseError(f"{path}: released checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise FinePoseError(f"{path}: cannot read it with torch.load(weights_only=True) ({exc})") from exc
+    if not isinstance(ckpt, Mapping) or "model_pos" not in ckpt:
+        keys = list(ckpt)[:10] if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        raise FinePoseError(f"{path}: not a released FinePOSE checkpoint (no 'model_pos'; top level: {keys})")
+    state = ckpt["model_pos"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise FinePoseError(f"{path}: 'model_pos' is not a state dict of tensors")
+    return dict(state)
+
+
+def _our_name(key: str) -> str | None:
+    for pattern, repl in _RULES:
+        if re.fullmatch(pattern, key):
+            if repl == "<ctx>":
+                return f"prompts.ctx.{_CTX[key]}" if key in _CTX else None
+            return re.sub(pattern, repl, key)
+    return None
+
+
+def infer_config(state: Mapping[str, torch.Tensor], dataset: str) -> ModelConfig:
+    """ModelConfig of a released state dict (``pose_estimator.*`` keys, ``module.`` stripped)."""
+    if dataset not in DATASETS:
+        raise FinePoseError(f"--dataset must be one of {sorted(DATASETS)}, got {dataset!r}")
+    need = [f"{_PE}Spatial_patch_to_embedding.weight", f"{_PE}Spatial_pos_embed", f"{_PE}Temporal_pos_embed",
+            f"{_PE}STEblocks.0.mlp.fc1.weight"]
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise FinePoseError(f"released state dict lacks {missing}; is this a FinePOSE checkpoint?")
+    width = int(state[f"{_PE}Spatial_patch_to_embedding.weight"].shape[0])
+    depth = len({m.group(1) for k in state if (m := re.match(rf"{re.escape(_PE)}STEblocks\.(\d+)\.", k))})
+    has_action = f"{_PE}ctx_verb" in state
+    layout = DATASETS[dataset]
+    if has_action != (layout == "h36m"):
+        raise FinePoseError(f"--dataset {dataset}: the checkpoint {'has' if has_action else 'lacks'} the action "
+                            f"context (ctx_verb), so it is {'an H36M' if has_action else 'a 3DHP'} model; "
+                            "pass the matching --dataset")
+    return ModelConfig(
+        width=width, depth=depth, heads=8,  # the release hard-codes 8 heads
+        mlp_ratio=state[f"{_PE}STEblocks.0.mlp.fc1.weight"].shape[0] / width,
+        frames=int(state[f"{_PE}Temporal_pos_embed"].shape[1]), joints=int(state[f"{_PE}Spatial_pos_embed"].shape[1]),
+        drop_path=0.1, prompt="fine", add_pooled=True, fpc=True, pts=True, compat_official=True,
+        prompt_layout=layout, actions=list(H36M_ACTIONS) if layout == "h36m" else [],
+        clip_model="ViT-B-32", clip_pretrained="openai", allow_random_clip=False, clip_seed=0)
+
+
+def _expected_clip_unused() -> dict[str, tuple[int, ...]]:
+    """Shapes of the CLIP ViT-B/32 keys the text branch does not use (built on the meta device)."""
+    import open_clip
+
+    cfg = open_clip.get_model_config("ViT-B-32")
+    with torch.device("meta"):
+        clip = open_clip.CLIP(**cfg, quick_gelu=True)
+    return {f"{_PE}clip_text.{k}": tuple(v.shape) for k, v in clip.state_dict().items()
+            if _CLIP_UNUSED.fullmatch(f"clip_text.{k}")}
+
+
+def convert_official(state_dict: Mapping[str, torch.Tensor], dataset: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Map a released ``model_pos`` state dict onto ours: (ModelConfig with compat_official, our state dict).
+
+    Raises FinePoseError listing every released key that maps nowhere, every key of our
+    model left without a source, and every shape that differs.
+    """
+    from finepose.diffusion import cosine_beta_schedule, schedule_buffers
+    from finepose.model.denoiser import build_model
+
+    state = {}
+    for key, value in state_dict.items():
+        if not key.startswith("module."):
+            raise FinePoseError(f"released key {key!r} lacks the 'module.' prefix of the nn.DataParallel state dict")
+        state[key[len("module."):]] = value
+    cfg = infer_config(state, dataset)
+    with torch.device("meta"):
+        ours = {k: tuple(v.shape) for k, v in build_model(cfg, load_clip=False).state_dict().items()}
+
+    out: dict[str, torch.Tensor] = {}
+    unmapped, bad_shape, dropped, off_schedule = [], [], [], []
+    unused_shapes = _expected_clip_unused()
+    expected_buffers = schedule_buffers(cosine_beta_schedule(1000))
+    for key, value in state.items():
+        if key in DIFFUSION_BUFFERS:
+            if value.dtype != torch.float64 or value.ndim != 1:
+                bad_shape.append(f"{key}: {tuple(value.shape)} {value.dtype} (expected 1-D float64)")
+            elif value.shape == expected_buffers[key].shape and not torch.allclose(
+                    value, expected_buffers[key], rtol=1e-6, atol=1e-9, equal_nan=True):
+                off_schedule.append(key)
+            dropped.append(key)
+            continue
+        if not key.startswith(_PE):
+            unmapped.append(key)
+            continue
+        if _CLIP_UNUSED.fullmatch(key[len(_PE):]):
+            if unused_shapes.get(key) != tuple(value.shape):
+                bad_shape.append(f"{key}: {tuple(value.shape)} (CLIP ViT-B/32 has {unused_shapes.get(key)})")
+            dropped.append(key)
+            continue
+        name = _our_name(key[len(_PE):])
+        if name is None or name not in ours:
+            unmapped.append(key)
+            continue
+        if tuple(value.shape) != ours[name]:
+            bad_shape.append(f"{key} -> {name}: {tuple(value.shape)} != {ours[name]}")
+            continue
+        out[name] = value.detach().to(torch.float32).contiguous()
+    if off_schedule:
+        log.warning("released diffusion buffers %s differ from the cosine schedule (T=1000, s=0.008) that "
+                    "finepose.diffusion recomputes; sampling will use finepose.diffusion's", off_schedule)
+    missing_unused = sorted(set(unused_shapes) - set(state))
+    missing_ours = sorted(set(ours) - set(out))
+    missing_buffers = sorted(set(DIFFUSION_BUFFERS) - set(state))
+    problems = []
+    if unmapped:
+        problems.append(f"{len(unmapped)} released key(s) map to nothing: {unmapped}")
+    if bad_shape:
+        problems.append(f"{len(bad_shape)} shape mismatch(es): {bad_shape}")
+    if missing_ours:
+        problems.append(f"{len(missing_ours)} of our key(s) have no released source: {missing_ours}")
+    if missing_unused or missing_buffers:
+        problems.append(f"released key(s) missing: {['module.' + k for k in missing_buffers + missing_unused]}")
+    if problems:
+        raise FinePoseError("cannot convert the released checkpoint: " + "; ".join(problems))
+    log.info("mapped %d released keys onto ours, dropped %d (diffusion buffers, CLIP vision/projection)",
+             len(out), len(dropped))
+    return cfg, out
+
+
+def import_official(ckpt_path: str | Path, dataset: str, out_path: str | Path) -> dict[str, Any]:
+    """Convert ``ckpt_path`` and write our checkpoint to ``out_path``; returns a JSON-able report."""
+    from finepose.model.checkpoint import save_checkpoint
+    from finepose.model.denoiser import build_model
+
+    state = load_official_state_dict(ckpt_path)
+    cfg, ours = convert_official(state, dataset)
+    with torch.device("meta"):
+        model = build_model(cfg, load_clip=False)
+    model.load_state_dict(ours, strict=True, assign=True)
+    model.clip_weights = "openai"  # the release stores OpenAI's CLIP ViT-B/32 (clip.load) in the checkpoint
+    digest = sha256_file(ckpt_path)
+    extra = {"variant": "finepose", "dataset": "h36m" if dataset == "h36m" else "mpi_inf_3dhp",
+             "joint_set": "h36m17" if dataset == "h36m" else "mpi_inf_3dhp17",
+             "official_import": {"source": str(ckpt_path), "sha256": digest, "dataset": dataset,
+                                 "keys_mapped": len(ours), "keys_in_release": len(state)}}
+    save_checkpoint(out_path, model, extra)
+    return {"out": str(out_path), "model_config": cfg.to_dict(), **extra["official_import"]}
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, help="the released checkpoint (.bin/.pth with 'model_pos')")
+    parser.add_argument("--dataset", required=True, choices=sorted(DATASETS),
+                        help="which released model it is: h36m (7 prompt segments) or 3dhp (6, no action)")
+    parser.add_argument("--out", required=True, type=Path, help="our checkpoint to write (atomically)")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = import_official(args.checkpoint, args.dataset, args.out)
+    print(json.dumps(report, indent=2, sort_keys=True))
+    return 0

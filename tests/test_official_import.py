@@ -1,0 +1,266 @@
+"""The released checkpoint's import (key map, shapes, errors) and the compat_official computation.
+
+The synthetic released checkpoint has exactly the keys, shapes and dtypes listed in
+../shared/reference/finepose_state_dict_keys.json (values: a distinct constant per key, so
+a mis-mapped tensor is caught). The compat computation is checked against a literal,
+unoptimised transcription of the released forward pass (explicit concatenation of the 2D
+input per hypothesis, repeated time embeddings, tiled prompt keys, einsum attention),
+written here from the facts in official_code_notes.md.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from finepose.cli import main as cli_main
+from finepose.io import FinePoseError
+from finepose.model import ModelConfig, build_model, load_checkpoint
+from finepose.model.clip_text import tokenize
+from finepose.model.official import convert_official, load_official_state_dict
+
+KEYS_JSON = Path(__file__).resolve().parents[2] / "shared" / "reference" / "finepose_state_dict_keys.json"
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@pytest.fixture(scope="module")
+def released_keys() -> list[dict]:
+    if not KEYS_JSON.is_file():
+        pytest.skip(f"shared data: {KEYS_JSON} is absent (the reference key list; present in CI)")
+    return json.loads(KEYS_JSON.read_text())
+
+
+def _fill(i: int) -> float:
+    return float(i % 997) / 997.0 - 0.5
+
+
+def synthetic_release(entries: list[dict]) -> dict[str, torch.Tensor]:
+    """A 'model_pos' with the exact keys, shapes and dtypes; key i holds the constant _fill(i)."""
+    return {e["key"]: torch.full(e["shape"], _fill(i), dtype=_DTYPES[e["dtype"]]) for i, e in enumerate(entries)}
+
+
+def _save_release(state: dict[str, torch.Tensor], path: Path) -> Path:
+    torch.save({"epoch": 80, "lr": 1e-5, "optimizer": None, "model_pos": state}, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# Key mapping
+# --------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_import_official_maps_every_key(released_keys, tmp_path):
+    state = synthetic_release(released_keys)
+    src = _save_release(state, tmp_path / "released.bin")
+    out = tmp_path / "ours.pt"
+    assert cli_main(["import-official", str(src), "--dataset", "h36m", "--out", str(out)]) == 0
+    ckpt = torch.load(out, weights_only=True)  # plain tensors and values only
+    cfg = ckpt["model_config"]
+    assert cfg["compat_official"] is True and cfg["prompt_layout"] == "h36m"
+    assert (cfg["width"], cfg["depth"], cfg["frames"], cfg["joints"]) == (512, 8, 243, 17)
+    assert ckpt["clip_weights"] == "openai" and ckpt["variant"] == "finepose"
+    ours = ckpt["state_dict"]
+    fill = {e["key"]: _fill(i) for i, e in enumerate(released_keys)}
+    pe = "module.pose_estimator."
+    expect = {
+        "joint_embed.weight": pe + "Spatial_patch_to_embedding.weight",
+        "spatial_pos": pe + "Spatial_pos_embed",
+        "temporal_pos": pe + "Temporal_pos_embed",
+        "prompts.ctx.person": pe + "ctx_subject",
+        "prompts.ctx.action": pe + "ctx_verb",
+        "prompts.ctx.leg": pe + "ctx_leg",
+        "time_embed.fc2.bias": pe + "time_mlp.3.bias",
+        "spatial_blocks.7.attn.qkv.weight": pe + "STEblocks.7.attn.qkv.weight",
+        "temporal_blocks.3.mlp.fc1.bias": pe + "TTEblocks.3.mlp.fc1.bias",
+        "head_norm.weight": pe + "head.0.weight",
+        "head.weight": pe + "head.1.weight",
+        "fpc.text_norm.bias": pe + "temporal_cross_attn.text_norm.bias",
+        "pts.emb_proj.weight": pe + "temporal_cross_attn.proj_out.emb_layers.1.weight",
+        "pts.out.weight": pe + "temporal_cross_attn.proj_out.out_layers.2.weight",
+        "prompts.encoder.layers.2.self_attn.in_proj_weight": pe + "textTransEncoder.layers.2.self_attn.in_proj_weight",
+        "prompts.norm.weight": pe + "text_ln.weight",
+        "prompts.pool_proj.bias": pe + "text_proj.0.bias",
+        "prompts.clip.token_embedding.weight": pe + "clip_text.token_embedding.weight",
+        "prompts.clip.transformer.resblocks.11.mlp.c_proj.weight": pe + "clip_text.transformer.resblocks.11.mlp.c_proj.weight",
+        "prompts.clip.ln_final.bias": pe + "clip_text.ln_final.bias",
+    }
+    for name, src_key in expect.items():
+        assert torch.all(ours[name] == fill[src_key]), name
+    # every value of ours comes from exactly one released tensor: all fills are distinct per key
+    released_text = {k for k in fill if k.startswith(pe) and ".visual." not in k
+                     and not k.endswith(("text_projection", "logit_scale"))}
+    assert len(ours) == len(released_text)
+    assert not any("visual" in k for k in ours)
+    model, _ = load_checkpoint(out)
+    assert model.config.compat_official and not model.training and model.clip_weights == "openai"
+    assert not any(p.requires_grad for p in model.prompts.clip.parameters())
+    assert not any(p.requires_grad for p in model.prompts.ctx.parameters())  # released: never trained
+
+
+@pytest.mark.slow
+def test_import_rejects_unknown_and_missing_keys(released_keys, tmp_path):
+    state = synthetic_release(released_keys)
+    extra = dict(state)
+    extra["module.pose_estimator.mystery_layer.weight"] = torch.zeros(3)
+    with pytest.raises(FinePoseError, match=r"map to nothing.*mystery_layer"):
+        convert_official(extra, "h36m")
+    missing = dict(state)
+    del missing["module.pose_estimator.STEblocks.3.attn.qkv.bias"]
+    del missing["module.pose_estimator.clip_text.visual.ln_post.bias"]
+    with pytest.raises(FinePoseError) as err:
+        convert_official(missing, "h36m")
+    assert "spatial_blocks.3.attn.qkv.bias" in str(err.value)
+    assert "clip_text.visual.ln_post.bias" in str(err.value)
+    wrong = dict(state)
+    wrong["module.pose_estimator.head.1.weight"] = torch.zeros(4, 512)
+    with pytest.raises(FinePoseError, match=r"shape mismatch.*head\.1\.weight"):
+        convert_official(wrong, "h36m")
+    with pytest.raises(FinePoseError, match="3DHP|3dhp"):
+        convert_official(state, "3dhp")
+    nomodule = {k.removeprefix("module."): v for k, v in list(state.items())[:3]}
+    with pytest.raises(FinePoseError, match="module."):
+        convert_official(nomodule, "h36m")
+    path = tmp_path / "not_released.pt"
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(FinePoseError, match="model_pos"):
+        load_official_state_dict(path)
+
+
+@pytest.mark.slow
+def test_import_3dhp_layout(released_keys):
+    state = synthetic_release(released_keys)
+    pe = "module.pose_estimator."
+    del state[pe + "ctx_verb"]
+    for name, n in {"subject": 5, "speed": 8, "head": 8, "body": 8, "arm": 12, "leg": 12}.items():
+        state[pe + f"ctx_{name}"] = torch.zeros(n, 512)
+    cfg, ours = convert_official(state, "3dhp")
+    assert cfg.prompt_layout == "3dhp" and cfg.compat_official and cfg.actions == []
+    assert ours["prompts.ctx.person"].shape == (5, 512) and "prompts.ctx.action" not in ours
+    with pytest.raises(FinePoseError, match="3DHP model"):
+        convert_official(state, "h36m")
+
+
+# --------------------------------------------------------------------------------------
+# The released computation, transcribed literally, vs. our compat_official model
+# --------------------------------------------------------------------------------------
+def _mhsa(x, qkv, proj, heads):
+    n, length, c = x.shape
+    q, k, v = qkv(x).reshape(n, length, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    attn = ((q @ k.transpose(-2, -1)) * (c // heads) ** -0.5).softmax(dim=-1)
+    return proj((attn @ v).transpose(1, 2).reshape(n, length, c))
+
+
+def _block(blk, x, heads):
+    x = x + _mhsa(blk.norm1(x), blk.attn.qkv, blk.attn.proj, heads)
+    return x + blk.mlp.fc2(F.gelu(blk.mlp.fc1(blk.norm2(x))))
+
+
+def _clip_text(tower, x):
+    length, width = x.shape[1], x.shape[2]
+    heads = tower.transformer.resblocks[0].attn.heads
+    x = x + tower.positional_embedding[:length]
+    mask = torch.full((length, length), float("-inf")).triu(1)
+    for blk in tower.transformer.resblocks:
+        h = blk.ln_1(x)
+        q, k, v = F.linear(h, blk.attn.in_proj_weight, blk.attn.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (z.reshape(z.shape[0], length, heads, -1).transpose(1, 2) for z in (q, k, v))
+        a = (q @ k.transpose(-2, -1) / math.sqrt(width // heads) + mask).softmax(-1)
+        x = x + blk.attn.out_proj((a @ v).transpose(1, 2).reshape(x.shape))
+        h = blk.mlp.c_fc(blk.ln_2(x))
+        x = x + blk.mlp.c_proj(h * torch.sigmoid(1.702 * h))
+    return tower.ln_final(x)
+
+
+def released_forward(model, y, x2d, t, actions, fixed=False):
+    """The released eval-mode forward: y (b, h, f, n, 3), x2d (b, f, n, 2), t (b,), one action per clip.
+
+    fixed=True applies our three fixes instead (pooled at the action segment's end-of-text,
+    clip i attends to its own prompt); the context-vector gradient is not visible in a forward.
+    """
+    p = model.prompts
+    heads = model.config.heads
+    b, h, f, n, _ = y.shape
+    dim = model.config.width
+    emb = p.clip.token_embedding
+    act_ids = torch.tensor([tokenize(a) for a in actions])                         # (b, 77)
+    pre = emb(torch.tensor([tokenize(s) for s in ["A person", "speed", "head", "body", "arm", "leg"]]))
+    act = emb(act_ids)
+    ctx = p.ctx
+    x = torch.cat([
+        torch.cat([ctx["person"].expand(b, -1, -1), pre[0, :4].expand(b, -1, -1)], 1),
+        torch.cat([ctx["action"].expand(b, -1, -1), act[:, :4]], 1),
+        *[torch.cat([ctx[s].expand(b, -1, -1), pre[i, :4].expand(b, -1, -1)], 1)
+          for i, s in enumerate(["speed", "head", "body", "arm", "leg"], start=1)],
+    ], dim=1)                                                                        # (b, 77, Dt)
+    xf_out = p.norm(p.encoder(_clip_text(p.clip, x)))
+    eot = act_ids.argmax(dim=-1)
+    where = 7 + 8 + eot.clamp(max=3) if fixed else eot
+    xf_proj = p.pool_proj(xf_out[torch.arange(b), where])                           # (b, D)
+
+    x = torch.cat((x2d[:, None].repeat(1, h, 1, 1, 1), y), dim=-1).reshape(b * h * f, n, 5)
+    x = model.joint_embed(x) + model.spatial_pos
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half) * -(math.log(10000) / (half - 1)))
+    sin = t[:, None] * freqs[None]
+    te = model.time_embed.fc2(F.gelu(model.time_embed.fc1(torch.cat((sin.sin(), sin.cos()), -1))))
+    te = (te + xf_proj)[:, None, None, None, :].repeat(1, h, f, n, 1).reshape(b * h * f, n, dim)
+    x = x + te
+    x = model.spatial_norm(_block(model.spatial_blocks[0], x, heads))
+    x = x.reshape(b * h, f, n, dim).permute(0, 2, 1, 3).reshape(b * h * n, f, dim)  # (b h n) f c
+    rows = b * h * n
+    fpc, pts = model.fpc, model.pts
+    q = fpc.query(fpc.norm(x)).view(rows, f, heads, -1)
+    key, value = fpc.key(fpc.text_norm(xf_out)), fpc.value(fpc.text_norm(xf_out))  # (b, 77, D)
+    tile = (lambda z: z.repeat_interleave(rows // b, 0)) if fixed else (lambda z: z.repeat(rows // b, 1, 1))
+    key, value = tile(key).view(rows, 77, heads, -1), tile(value).view(rows, 77, heads, -1)
+    weight = (torch.einsum("bnhd,bmhd->bnmh", q, key) / math.sqrt(dim // heads)).softmax(dim=2)
+    z = torch.einsum("bnmh,bmhd->bnhd", weight, value).reshape(rows, f, dim)
+    style = pts.emb_proj(F.silu(te.view(rows, f, dim)))[:, 0:1, :]
+    scale, shift = style.chunk(2, dim=2)
+    x = x + pts.out(F.silu(pts.norm(z) * (1 + scale) + shift))
+    x = x + model.temporal_pos
+    x = model.temporal_norm(_block(model.temporal_blocks[0], x, heads))
+    x = x.reshape(b * h, n, f, dim).permute(0, 2, 1, 3)
+    for i in range(1, model.config.depth):
+        x = model.spatial_norm(_block(model.spatial_blocks[i], x.reshape(b * h * f, n, dim), heads))
+        x = x.reshape(b * h, f, n, dim).permute(0, 2, 1, 3).reshape(b * h * n, f, dim)
+        x = model.temporal_norm(_block(model.temporal_blocks[i], x, heads))
+        x = x.reshape(b * h, n, f, dim).permute(0, 2, 1, 3)
+    return model.head(model.head_norm(x)).reshape(b, h, f, n, 3)
+
+
+def _tiny(compat: bool):
+    cfg = ModelConfig(width=32, depth=2, heads=4, frames=9, joints=17, drop_path=0.0, clip_model="test-tiny",
+                      clip_pretrained="none", compat_official=compat)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        model = build_model(cfg).eval()
+    with torch.no_grad():  # non-trivial PTS output layer and positional embeddings
+        for prm in (model.pts.out.weight, model.pts.out.bias, model.spatial_pos, model.temporal_pos):
+            prm.normal_(0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("compat", [True, False], ids=["compat_official", "fixed"])
+def test_denoiser_matches_released_computation(compat):
+    model = _tiny(compat)
+    gen = torch.Generator().manual_seed(1)
+    b, h = 3, 2
+    actions = ["Directions", "WalkDog", "SittingDown"]  # end-of-text at 2, 3 and cut off (4)
+    y = torch.randn(b, h, 9, 17, 3, generator=gen)
+    x2d = torch.randn(b, 9, 17, 2, generator=gen)
+    t = torch.tensor([999, 500, 3])
+    with torch.no_grad():
+        ref = released_forward(model, y, x2d, t, actions, fixed=not compat)
+        ours = model(y.reshape(b * h, 9, 17, 3), x2d, t, model.encode_prompts(actions)).reshape(b, h, 9, 17, 3)
+        ours5 = model(y, x2d, t.repeat_interleave(h), actions)
+    assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert torch.allclose(ours5, ours, atol=1e-6)
+    if compat:  # the released tiling really differs from the fixed computation
+        fixed = released_forward(model, y, x2d, t, actions, fixed=True)
+        assert (fixed - ref).abs().max() > 1e-4
