@@ -295,7 +295,7 @@ def _read_baseline(raw_dir: Path, files_3d: list[Path], sh_files: dict, cameras_
         if poses.ndim != 3 or poses.shape[1:] != (16, 2):
             raise FinePoseError(f"{rel}: dataset poses has shape {poses.shape}, expected (frames, 16, 2): "
                                 "Stacked Hourglass MPII 16 joints x (x, y)")
-        kp = skeleton.convert(poses, "mpii16", JOINT_SET)                    # (N, 17, 2)
+        kp = skeleton.convert(poses, "mpii16", JOINT_SET).astype(np.float32)  # (N, 17, 2), as stored
         detections.append(_Detection(subject, name.replace("_", " "), camera, kp, rel))
     return _Raw("3d_pose_baseline", "mm", sequences, cameras, {"sh": detections} if sh_files else {},
                 _rel(cameras_path, raw_dir), {})
@@ -356,7 +356,7 @@ def _read_videopose3d_2d(path: Path, source: str, rel: str) -> list[_Detection]:
                 if values.ndim != 3 or values.shape[1:] != (joints, 2):
                     raise FinePoseError(f"{rel} [{subject}][{name}][{index}]: array has shape {values.shape}, "
                                         f"expected (frames, {joints}, 2)")
-                kp = values.astype(np.float64)
+                kp = values.astype(np.float32)                      # the table stores float32
                 if convert_from:
                     kp = skeleton.convert(kp, convert_from, JOINT_SET)
                 out.append(_Detection(subject, name, cam_mod.H36M_CAMERA_IDS[index], kp, rel))
