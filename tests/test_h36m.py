@@ -302,6 +302,17 @@ def test_synthetic_folder_in_the_release_layout(tmp_path, caplog):
         np.testing.assert_allclose(seq.keypoints_2d, convert(poses, "mpii16", "h36m17"), rtol=1e-6)
 
 
+def test_prepare_verb_rejects_options_the_reader_lacks(tmp_path, capsys):
+    base = ["prepare", "--raw", str(tmp_path), "--out", str(tmp_path / "out")]
+    assert cli.main(base + ["--dataset", "mpi_inf_3dhp", "--layout", "videopose3d"]) == 2
+    assert "--layout: only for --dataset h36m" in capsys.readouterr().err
+    assert cli.main(base + ["--dataset", "h36m", "--option", "parts=[1]"]) == 2
+    err = capsys.readouterr().err
+    assert "the h36m reader has no option parts; it takes: layout, max_trim, progress, sources_2d" in err
+    assert cli.main(base + ["--dataset", "h36m", "--option", "max_trim"]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
 def test_action_names():
     assert canonical_action("TakingPhoto_1") == "Photo" and canonical_action("WalkingDog") == "WalkDog"
     assert canonical_action("Directions 1") == "Directions" and canonical_action("walktogether") == "WalkTogether"

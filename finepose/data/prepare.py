@@ -92,7 +92,13 @@ def _accepted(function: Any, options: dict[str, Any], dataset: str) -> dict[str,
 
 
 def run(args: argparse.Namespace) -> int:
-    module = importlib.import_module(READERS[args.dataset])
+    name = READERS[args.dataset]
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+        raise FinePoseError(f"the {args.dataset} reader ({name}) is not part of this installation") from exc
     options = _accepted(module.prepare, dataset_options(args), args.dataset)
     report = module.prepare(args.raw, args.out, force=args.force, **options)
     text = json.dumps(report, indent=2, sort_keys=True, default=str)
