@@ -34,16 +34,20 @@ Generated under the run's data folder, never committed.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import contextvars
 import hashlib
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from finepose.io import FinePoseError, atomic_path, atomic_write_json, atomic_write_text, sha256_file
+from finepose.io import FinePoseError, atomic_path, atomic_write_json
 from finepose.skeleton import MPI_INF_3DHP28_TO_17
 
 log = logging.getLogger(__name__)
@@ -265,9 +269,9 @@ def action_motion(action: str, n: int, fps: float, rng: np.random.Generator, are
         q["head_yaw"] = 10 * np.sin(2 * np.pi * 0.2 * t + phase)
         yaw = yaw0 + 25 * np.sin(2 * np.pi * 0.12 * t + phase)
     elif action == "Phoning":
-        q["r_sh_flex"] = np.full(n, 38.0)
-        q["r_sh_abd"] = np.full(n, 42.0)
-        q["r_elbow"] = np.full(n, 148.0) + 3 * np.sin(2 * np.pi * 0.3 * t)
+        q["r_sh_flex"] = np.full(n, 70.0)                            # phone at the right ear
+        q["r_sh_abd"] = np.full(n, 25.0)
+        q["r_elbow"] = np.full(n, 140.0) + 3 * np.sin(2 * np.pi * 0.3 * t)
         q["l_sh_flex"] = 8 + 22 * amp * (0.5 + 0.5 * np.sin(2 * np.pi * 0.45 * t + phase))
         q["l_elbow"] = 25 + 45 * (0.5 + 0.5 * np.sin(2 * np.pi * 0.45 * t + phase))
         q["head_pitch"] = np.full(n, 12.0)
@@ -294,9 +298,9 @@ def action_motion(action: str, n: int, fps: float, rng: np.random.Generator, are
             q[f"{side}_knee"] = np.full(n, 92.0)
             q[f"{side}_ankle"] = np.full(n, 8.0)
         q["lean"] = 14 + 4 * lift
-        q["r_sh_flex"] = 25 + 25 * lift
-        q["r_sh_abd"] = 12 + 8 * lift
-        q["r_elbow"] = 60 + 75 * lift
+        q["r_sh_flex"] = 25 + 55 * lift                             # hand to mouth and back to the table
+        q["r_sh_abd"] = 12 + 30 * lift
+        q["r_elbow"] = 60 + 65 * lift
         q["l_sh_flex"] = np.full(n, 32.0)
         q["l_elbow"] = np.full(n, 70.0) + 5 * np.sin(2 * np.pi * 0.3 * t)
         q["head_pitch"] = 14 - 6 * lift
@@ -354,11 +358,32 @@ def detector_noise(clean: np.ndarray, rng: np.random.Generator, sigma: float, bi
     return noisy
 
 
+# generate() writes each format into a staging folder and renames the folder into place, so the
+# files inside need no rename-and-fsync of their own; called on their own, the writers are atomic.
+_STAGING = contextvars.ContextVar("finepose_synth_staging", default=False)
+
+
+@contextlib.contextmanager
+def _output(path: Path, suffix: str) -> Iterator[Path]:
+    """The path to write ``path``'s bytes to: itself inside a staging folder, else a temporary beside it."""
+    if _STAGING.get():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield path
+    else:
+        with atomic_path(path, suffix=suffix) as tmp:
+            yield tmp
+
+
+def _write_text(path: Path, text: str) -> None:
+    with _output(path, ".tmp") as tmp:
+        tmp.write_text(text)
+
+
 def _write_h5(path: Path, build: Callable[[Any], None], userblock: bytes | None = None) -> None:
-    """Write an HDF5 file atomically; ``build(file)`` fills it. A user block header goes in front when given."""
+    """Write an HDF5 file; ``build(file)`` fills it. A user block header goes in front when given."""
     import h5py
 
-    with atomic_path(path, suffix=".h5.tmp") as tmp:
+    with _output(path, ".h5.tmp") as tmp:
         kwargs = {"userblock_size": 512} if userblock is not None else {}
         with h5py.File(tmp, "w", **kwargs) as f:
             build(f)
@@ -367,8 +392,8 @@ def _write_h5(path: Path, build: Callable[[Any], None], userblock: bytes | None 
                 handle.write(userblock[:512].ljust(512, b"\0"))
 
 
-def _files_under(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+def _count_files(folder: Path) -> int:
+    return sum(1 for p in folder.rglob("*") if p.is_file())
 
 
 # --------------------------------------------------------------------------- Human3.6M
@@ -439,10 +464,10 @@ def write_h36m_videopose3d(folder: Path, takes: list[H36MTake], seed: int) -> di
     metadata = {"layout_name": "h36m", "num_joints": 17,
                 "keypoints_symmetry": [[4, 5, 6, 11, 12, 13], [1, 2, 3, 14, 15, 16]]}
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / "data_3d_h36m.npz", suffix=".npz.tmp") as tmp:
+    with _output(folder / "data_3d_h36m.npz", ".npz.tmp") as tmp:
         with open(tmp, "wb") as handle:
             np.savez_compressed(handle, positions_3d=positions_3d)
-    with atomic_path(folder / f"data_2d_h36m_{DET_SOURCE}.npz", suffix=".npz.tmp") as tmp:
+    with _output(folder / f"data_2d_h36m_{DET_SOURCE}.npz", ".npz.tmp") as tmp:
         with open(tmp, "wb") as handle:
             np.savez_compressed(handle, positions_2d=positions_2d, metadata=metadata)
     return {"sources_2d": [DET_SOURCE], "det_extra_frames": extra_frames}
@@ -594,7 +619,7 @@ def write_mat_v5(path: Path, variables: dict[str, Any]) -> None:
     """MATLAB v5 .mat via scipy (cells as numpy object arrays), atomically."""
     import scipy.io
 
-    with atomic_path(path, suffix=".mat.tmp") as tmp:
+    with _output(path, ".mat.tmp") as tmp:
         with open(tmp, "wb") as handle:
             scipy.io.savemat(handle, variables, format="5", do_compression=True, oned_as="column")
 
@@ -674,12 +699,12 @@ def write_mpi_inf_3dhp(folder: Path, seed: int, scale: Scale) -> dict[str, Any]:
                 "annot2": annot2, "annot3": annot3, "univ_annot3": univ,
                 "frames": np.arange(n, dtype=np.uint16).reshape(n, 1),
                 "cameras": np.arange(14, dtype=np.uint8).reshape(1, 14)})
-            atomic_write_text(seq_dir / "camera.calibration", _skeletool_calibration(cams))
+            _write_text(seq_dir / "camera.calibration", _skeletool_calibration(cams))
     # --- test set
     test_root = folder / "mpi_inf_3dhp_test_set"
     calib_dir = test_root / "test_util" / "camera_calibration"
     for key, calib in _MPI_TEST_CALIB.items():
-        atomic_write_text(calib_dir / f"{key}cameras.calib", _tc_calibration(calib))
+        _write_text(calib_dir / f"{key}cameras.calib", _tc_calibration(calib))
     for number, (action, activities) in _MPI_TEST.items():
         rng = _rng(seed, "3dhp-test", str(number))
         calib = _MPI_TEST_CALIB["ts1-4" if number <= 4 else "ts5-6"]
@@ -831,7 +856,7 @@ def write_egohumans(folder: Path, seed: int, scale: Scale) -> dict[str, Any]:
                 calib_dir = folder / big / seq / "ego" / aria / "calib"
                 calib_dir.mkdir(parents=True, exist_ok=True)
                 for ts in range(1, n + 1):
-                    atomic_write_text(calib_dir / f"{ts:05d}.txt",
+                    _write_text(calib_dir / f"{ts:05d}.txt",
                                       _aria_calibration(aria, R_raw[ts - 1], t_raw[ts - 1]))
             for ts in range(1, n + 1):
                 file_name = f"{big}/{seq}/ego/{aria}/images/rgb/{ts:05d}.jpg"
@@ -862,11 +887,10 @@ def write_egohumans(folder: Path, seed: int, scale: Scale) -> dict[str, Any]:
                         "id": len(annotations), "image_id": image_id, "category_id": 1, "iscrowd": 0,
                         "area": int(bbox[2] * bbox[3]), "bbox": bbox, "segmentation": None,
                         "width": EGO_SIZE, "height": EGO_SIZE, "video_name": video_name,
-                        "keypoints": [int(v) for row in np.concatenate([xy, vis[:, None]], axis=1) for v in row],
+                        "keypoints": np.concatenate([xy, vis[:, None]], axis=1).astype(int).reshape(-1).tolist(),
                         "num_keypoints": int(inside.sum()), "human_name": other, "camera_name": aria,
                         "camera_mode": "rgb", "time_stamp": ts,
-                        "keypoints_3d": [float(round(v, 6)) for row in np.concatenate([raw, np.ones((17, 1))], axis=1)
-                                         for v in row]})
+                        "keypoints_3d": np.round(np.concatenate([raw, np.ones((17, 1))], axis=1), 6).reshape(-1).tolist()})
     categories = [{"id": 1, "name": "person", "supercategory": "person", "keypoints": list(COCO_NAMES),
                    "skeleton": COCO_SKELETON}]
     categories += [{"id": i, "name": name, "supercategory": name} for i, name in
@@ -877,7 +901,7 @@ def write_egohumans(folder: Path, seed: int, scale: Scale) -> dict[str, Any]:
             "image_num": len(images), "instance_num": len(annotations)}
     path = folder / EGO_JSON
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(coco))
+    _write_text(path, json.dumps(coco))
     return {"videos": sorted({i["video_name"] for i in images}), "annotations": len(annotations),
             "duplicated_subsequence": duplicated[2]}
 
@@ -940,12 +964,26 @@ def generate(out_dir: str | Path, *, seed: int = 0, scale: str = "tiny", formats
     }
     for fmt in formats:
         folder = out_dir / FOLDERS[fmt]
-        info = writers[fmt](folder)
+        staging = out_dir / f".{FOLDERS[fmt]}.tmp-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        token = _STAGING.set(True)
+        try:
+            info = writers[fmt](staging)
+            # Regenerable demo data: a crash leaves no half folder under the final name (the rename is
+            # atomic) and no manifest; the bytes are not fsynced one file at a time (hundreds of files).
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(staging, folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            _STAGING.reset(token)
+        info = json.loads(json.dumps(info).replace(str(staging), str(folder)))
         if fmt.startswith("h36m"):
             info = {**info, "subjects": list(H36M_SUBJECTS),
                     "takes": {s: [t.name for t in takes if t.subject == s] for s in H36M_SUBJECTS},
                     "frames_per_take": spec.h36m_frames}
-        report["datasets"][fmt] = {"folder": str(folder), **info, "files": len(_files_under(folder))}
+        report["datasets"][fmt] = {"folder": str(folder), **info, "files": _count_files(folder)}
         log.info("synth: wrote %s to %s", fmt, folder)
     atomic_write_json(manifest_path, report)
     return {**report, "up_to_date": False}
