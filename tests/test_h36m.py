@@ -44,7 +44,8 @@ def _columns(out, names, **filters):
 def h36m_full(h36m_raw, tmp_path_factory):
     out = tmp_path_factory.mktemp("h36m_full")
     report = prepare(h36m_raw, out, progress=False)
-    return out, report
+    yield out, report
+    shutil.rmtree(out, ignore_errors=True)  # ~0.7 GB; pytest keeps its last temp folders around
 
 
 @pytest.mark.shared_data
