@@ -180,10 +180,11 @@ def load_train_data(cfg: Mapping[str, Any], run_dir: Path | None = None, dist: D
     leak = sorted(test & set(subjects))
     if leak:
         raise FinePoseError(f"run config: subjects {leak} are both training and test subjects")
-    if any(s.split == "test" for s in sequences):
+    if any(s.split == "test" for s in sequences) and not test:  # explicit disjoint test_subjects: carved (EgoHumans)
         bad = sorted({s.subject for s in sequences if s.split == "test"})
         raise FinePoseError(f"run config: data.train_subjects include test-split subjects {bad}; "
-                            "model selection must never see the test set")
+                            "model selection must never see the test set (to carve a training set from a "
+                            "test-only dataset, name the held-out subjects in data.test_subjects)")
     train_seqs, val_seqs = split_validation(sequences, d["val_subjects"], d["val_fraction"], d["val_seed"])
     actions = list(meta.get("actions") or sorted({s.action for s in sequences}))
 
