@@ -34,12 +34,13 @@ def project(points: np.ndarray) -> np.ndarray:
 
 def write_dataset(root: Path, *, subjects: dict[str, str] | None = None, lengths=(60, 40), dataset: str = "h36m",
                   joint_set: str = "h36m17", actions=("Walking", "Eating"), persons: int = 1,
-                  gaps: bool = False, seed: int = 0) -> Path:
+                  gaps: bool = False, invalid: tuple[int, int] | None = None, seed: int = 0) -> Path:
     """Write frames.parquet + cameras.parquet under ``root``; returns ``root``.
 
     Each subject gets one sequence per entry of ``lengths`` (action cycling
     through ``actions``), each seen by one camera, with ``persons`` people.
     ``gaps``: person 1 is out of view for a stretch of frames (multi-human tests).
+    ``invalid``: frames [a, b) of every first sequence are marked invalid (NaN 3D).
     """
     subjects = subjects or {"S1": "train", "S5": "train", "S6": "train", "S9": "test"}
     rng = np.random.default_rng(seed)
@@ -64,7 +65,13 @@ def write_dataset(root: Path, *, subjects: dict[str, str] | None = None, lengths
                 cols["frame"].append(frames)
                 cols["keypoints_3d"].append(kp3d)
                 cols["keypoints_2d"].append(project(kp3d))
-                cols["valid"].append(np.ones(m, bool))
+                ok = np.ones(m, bool)
+                if invalid is not None and i == 0:
+                    ok[invalid[0]:invalid[1]] = False
+                    kp3d = kp3d.copy()
+                    kp3d[~ok] = np.nan
+                cols["keypoints_3d"][-1] = kp3d
+                cols["valid"].append(ok)
     columns = {k: (np.concatenate(v) if k in ("frame", "keypoints_2d", "keypoints_3d", "valid") else v)
                for k, v in cols.items()}
     columns["dataset"] = dataset

@@ -1,0 +1,550 @@
+"""Score a checkpoint on full test sequences: every frame once, every DDIM step, every aggregation mode.
+
+    python -m finepose evaluate CHECKPOINT --data DIR --source-2d gt --hypotheses 20 --steps 10 --out METRICS_DIR
+
+Every frame of every test sequence is predicted and scored exactly once
+(non-overlapping windows, the last one aligned to the sequence end and scoring
+only its new frames; the official code counts that overlap twice). Each DDIM
+step's x0 estimate is scored under every aggregation mode of
+finepose.aggregate (mean, p_best and j_best: oracle, p_agg, j_agg), with
+test-time flip averaging at every step (--no-flip to disable).
+
+Writes METRICS_DIR/summary.json (rows per step, mode and group: all, action,
+subject, sequence; 3DHP: activity and sequence with PCK/AUC; multi-person data
+such as EgoHumans: video and activity means of per-video means) with
+provenance, and METRICS_DIR/frames.parquet (per-frame errors of the final step,
+one row per frame and mode). For multi-person data also
+METRICS_DIR/multihuman.npz: per video the characters' final-step poses stacked
+to (C, N, J, 3), zeros where a character is out of view (paper Sec. 3.4).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence as Seq
+
+import numpy as np
+import torch
+
+from finepose.data.table import FRAMES_FILE, load_sequences, read_metadata, read_table
+from finepose.data.windows import Batch, ClipSource, EvalWindows, evaluation_windows, gather, scored_rows
+from finepose.io import FinePoseError, atomic_path, atomic_write_json, sha256_file
+
+log = logging.getLogger("finepose.evaluate")
+
+METRICS = ("mpjpe", "p_mpjpe", "n_mpjpe", "mpjve", "pck", "auc")
+
+
+# --------------------------------------------------------------------------------------
+# Inference over windows (shared with train's validation and the lift verb)
+# --------------------------------------------------------------------------------------
+@dataclass
+class WindowResult:
+    index: np.ndarray       # (b,) window numbers
+    seq: np.ndarray         # (b,) sequence of each window
+    batch: Batch            # the gathered inputs/targets of these windows
+    scored: np.ndarray      # (b, F) positions this window scores
+    x0: torch.Tensor        # (M, b, H, F, J, 3) float32 on the model's device: x0 estimate of every step
+
+
+def window_noise(seed: int, window_ids: Seq[int], hypotheses: int, steps: int, shape: tuple[int, ...]
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Initial and per-step noise drawn per window from (seed, window id).
+
+    Results then depend neither on the batch size nor on how windows are split
+    over processes. Returns (b, H, F, J, 3) and (M-1, b, H, F, J, 3) (None for M=1).
+    """
+    init, per_step = [], []
+    for wid in window_ids:
+        state = np.random.SeedSequence([seed, int(wid)]).generate_state(2, np.uint32)
+        g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        init.append(torch.randn((hypotheses, *shape), generator=g))
+        if steps > 1:
+            per_step.append(torch.randn((steps - 1, hypotheses, *shape), generator=g))
+    noise = torch.stack(init)
+    return noise, (torch.stack(per_step, dim=1) if per_step else None)
+
+
+@torch.no_grad()
+def predict_windows(model, diffusion, source: ClipSource, windows: EvalWindows, *, frames: int, hypotheses: int,
+                    steps: int, eta: float = 1.0, flip: bool = True, batch_size: int = 8, seed: int = 0,
+                    device: torch.device | str = "cpu", amp: bool = True,
+                    window_ids: np.ndarray | None = None) -> Iterator[WindowResult]:
+    """DDIM-sample H hypotheses in M steps for each window, ``batch_size`` windows at a time."""
+    from finepose.diffusion import flip_averaged, pose_mirror
+
+    device = torch.device(device)
+    ids = np.arange(len(windows)) if window_ids is None else np.asarray(window_ids)
+    mirror = pose_mirror(source.joint_set.flip_permutation)
+    use_amp = amp and device.type == "cuda"
+    model.eval()
+    for lo in range(0, len(windows), batch_size):
+        idx = np.arange(lo, min(lo + batch_size, len(windows)))
+        w = windows.take(idx)
+        batch = gather(source, w.seq, w.start, None, frames)
+        _, scored = scored_rows(source, w, frames)
+        b, joints = len(idx), batch.x2d.shape[2]
+        x2d = torch.from_numpy(batch.x2d).to(device)                  # (b, F, J, 2): one per clip, not per hypothesis
+        prompts = model.encode_prompts([source.actions[a] for a in batch.action_id])   # one per clip
+
+        def closed(inputs_2d):
+            def denoise(y_t, t):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                    return model(y_t, inputs_2d, t, prompts).float()
+            return denoise
+
+        denoise = closed(x2d)
+        if flip:
+            denoise = flip_averaged(denoise, mirror, closed(mirror(x2d)))
+        noise, step_noise = window_noise(seed, ids[idx], hypotheses, steps, (frames, joints, 3))
+        x0 = diffusion.ddim_sample(denoise, (b, frames, joints, 3), hypotheses=hypotheses, steps=steps, eta=eta,
+                                   noise=noise.to(device), step_noise=None if step_noise is None
+                                   else step_noise.to(device), device=device)
+        yield WindowResult(index=ids[idx], seq=w.seq, batch=batch, scored=scored, x0=x0.float())
+
+
+# --------------------------------------------------------------------------------------
+# Aggregation of a batch of windows
+# --------------------------------------------------------------------------------------
+def intrinsics_table(source: ClipSource) -> np.ndarray | None:
+    """(S, 9) fx fy cx cy k1 k2 k3 p1 p2 per sequence (zero distortion where unknown: pinhole),
+    or None when any sequence's camera has no intrinsics (reprojection modes then cannot run)."""
+    from finepose.camera import intrinsics_from_row
+
+    rows = []
+    for meta in source.sequences:
+        try:
+            cam = intrinsics_from_row(meta["camera_info"])
+        except ValueError:
+            return None
+        k = cam["k"] if cam["k"] is not None and len(cam["k"]) == 3 else np.zeros(3)
+        p = cam["p"] if cam["p"] is not None and len(cam["p"]) == 2 else np.zeros(2)
+        rows.append(np.concatenate([cam["f"], cam["c"], k, p]))
+    return np.stack(rows)
+
+
+def aggregate_window_batch(res: WindowResult, source: ClipSource, modes: Seq[str], root: str,
+                           intrinsics: np.ndarray | None) -> np.ndarray:
+    """Every mode's pose after every step: (M, modes, b, F, J, 3) float32 numpy."""
+    from finepose.aggregate import aggregate
+    from finepose.camera import denormalize_screen
+
+    x0 = res.x0                                                        # (M, b, H, F, J, 3)
+    dev = x0.device
+    batch = res.batch
+    out = []
+    for mode in modes:
+        kwargs: dict[str, Any] = {}
+        if mode in ("p_best", "j_best"):
+            kwargs.update(gt=torch.from_numpy(batch.y3d).to(dev),
+                          frame_mask=torch.from_numpy(res.scored & batch.mask).to(dev))
+        elif mode in ("p_agg", "j_agg"):
+            px = np.stack([denormalize_screen(batch.x2d[i], source.sequences[s]["res_w"], source.sequences[s]["res_h"])
+                           for i, s in enumerate(res.seq)])                 # (b, F, J, 2) pixels
+            kwargs.update(keypoints_2d=torch.from_numpy(np.asarray(px, np.float32)).to(dev),
+                          intrinsics=torch.from_numpy(intrinsics[res.seq].astype(np.float32)).to(dev), root=root)
+            if root == "gt":
+                kwargs["trajectory"] = torch.from_numpy(np.asarray(source.root[batch.index])).to(dev)
+        pose, _ = aggregate(x0, mode, **kwargs)                        # (M, b, F, J, 3)
+        out.append(pose.float().cpu().numpy())
+    return np.stack(out, axis=1)
+
+
+# --------------------------------------------------------------------------------------
+# Scoring: per-sequence buffers -> per-frame errors -> sums per (sequence, frame action)
+# --------------------------------------------------------------------------------------
+def sequence_key(meta: Mapping[str, Any]) -> str:
+    """One recording, all cameras: 'S9/Walking 1'; '<name>' when subject and sequence coincide (3DHP 'TS1')."""
+    return meta["sequence"] if meta["sequence"] == meta["subject"] else f"{meta['subject']}/{meta['sequence']}"
+
+
+def video_key(meta: Mapping[str, Any]) -> str:
+    """One video (one camera of one recording), shared by every person in it."""
+    return f"{sequence_key(meta)}/{meta['camera']}"
+
+
+def stack_characters(tracks: Seq[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Post-integration (Sec. 3.4): characters lifted on their own, stacked over a shared timeline.
+
+    tracks: per character (frame numbers (n,), poses (n, J, C)). Returns
+    (stacked (C, N, J, C') with zeros where a character is out of view,
+    present (C, N) bool, frame numbers (N,) = the sorted union of all tracks' frames).
+    """
+    frames = np.unique(np.concatenate([np.asarray(f) for f, _ in tracks])) if tracks else np.zeros(0, np.int64)
+    shape = tracks[0][1].shape[1:] if tracks else (0, 3)
+    stacked = np.zeros((len(tracks), len(frames), *shape), dtype=np.float32)
+    present = np.zeros((len(tracks), len(frames)), dtype=bool)
+    for c, (f, poses) in enumerate(tracks):
+        pos = np.searchsorted(frames, np.asarray(f))
+        stacked[c, pos] = poses
+        present[c, pos] = True
+    return stacked, present, frames
+
+
+class Scorer:
+    """Collects window predictions per sequence and scores each sequence once it is complete.
+
+    Frame errors are summed per (sequence, action of the frame) cell, for every
+    step and mode; group rows are sums of cells, so any grouping pools frames
+    exactly once.
+    """
+
+    def __init__(self, source: ClipSource, windows: EvalWindows, modes: Seq[str], steps: int,
+                 frame_actions: list[np.ndarray], pck: bool, keep_final: bool):
+        from finepose.metrics import pck_joint_indices
+
+        self.source, self.modes, self.steps = source, list(modes), steps
+        self.frame_actions = frame_actions
+        self.metrics = list(METRICS if pck else METRICS[:4])
+        self.pck_idx = ([i for g in pck_joint_indices(source.joint_set.joint_names).values() for i in g]
+                        if pck else None)
+        self.remaining = np.bincount(windows.seq, minlength=source.num_sequences)
+        self.buffers: dict[int, np.ndarray] = {}
+        self.filled: dict[int, np.ndarray] = {}
+        self.cells: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
+        self.frame_rows: list[dict[str, np.ndarray]] = []
+        self.final: dict[int, np.ndarray] = {} if keep_final else None      # seq -> (modes, L, J, 3)
+        self.scored_frames = 0
+
+    def add(self, res: WindowResult, agg: np.ndarray) -> None:
+        """agg: (M, modes, b, F, J, 3) for the windows of ``res``."""
+        J = agg.shape[-2]
+        for i, s in enumerate(res.seq.tolist()):
+            length = int(self.source.length[s])
+            if s not in self.buffers:
+                self.buffers[s] = np.zeros((agg.shape[0], agg.shape[1], length, J, 3), np.float32)
+                self.filled[s] = np.zeros(length, np.int32)
+            pos = np.flatnonzero(res.scored[i])
+            frame_pos = np.clip(res.batch.index[i, pos] - self.source.offset[s], 0, length - 1)
+            self.buffers[s][:, :, frame_pos] = agg[:, :, i, pos]
+            self.filled[s][frame_pos] += 1
+            self.remaining[s] -= 1
+            if self.remaining[s] == 0:
+                self._finish(s)
+
+    def _finish(self, s: int) -> None:
+        from finepose.metrics import joint_errors, velocity_errors
+
+        pred = self.buffers.pop(s)                                     # (M, K, L, J, 3)
+        filled = self.filled.pop(s)
+        if not (filled == 1).all():                                    # the every-frame-once contract
+            raise RuntimeError(f"sequence {s}: frames scored {filled.min()}..{filled.max()} times, expected once")
+        lo, n = int(self.source.offset[s]), int(self.source.length[s])
+        gt = np.broadcast_to(np.asarray(self.source.y3d[lo:lo + n]), pred.shape)
+        valid = np.asarray(self.source.valid[lo:lo + n])
+        joint = joint_errors(pred, gt)                                 # (M, K, L, J) mm
+        per_frame = {"mpjpe": joint.mean(-1), "p_mpjpe": joint_errors(pred, gt, "procrustes").mean(-1),
+                     "n_mpjpe": joint_errors(pred, gt, "scale").mean(-1)}
+        vel, vel_ok = velocity_errors(pred, gt, np.broadcast_to(valid, pred.shape[:3]), axis=-3)
+        mpjve = np.full(per_frame["mpjpe"].shape, np.nan)
+        mpjve[..., 1:] = np.where(vel_ok[..., 0], vel.mean(-1), np.nan)  # a frame's velocity: from its predecessor
+        per_frame["mpjve"] = mpjve
+        if self.pck_idx is not None:
+            from finepose.metrics import AUC_THRESHOLDS_MM, PCK_THRESHOLD_MM
+
+            scored = joint[..., self.pck_idx]                          # (M, K, L, 14)
+            per_frame["pck"] = 100.0 * (scored < PCK_THRESHOLD_MM).mean(-1)
+            per_frame["auc"] = 100.0 * (scored[..., None] < AUC_THRESHOLDS_MM).mean(axis=(-2, -1))
+        values = np.stack([per_frame[m] for m in self.metrics], axis=-1)   # (M, K, L, metrics)
+        counted = valid[None, None, :, None] & np.isfinite(values)
+        actions = self.frame_actions[s]
+        for action in np.unique(actions):
+            sel = counted & (actions == action)[None, None, :, None]
+            self.cells[(s, str(action))] = (np.where(sel, values, 0.0).sum(axis=2), sel.sum(axis=2))
+        self.scored_frames += int(valid.sum())
+        meta = self.source.sequences[s]
+        frames = np.asarray(self.source.frame[lo:lo + n])
+        for k, mode in enumerate(self.modes):
+            self.frame_rows.append({
+                "subject": np.full(n, meta["subject"]), "action": actions.astype(str),
+                "sequence": np.full(n, meta["sequence"]), "camera": np.full(n, meta["camera"]),
+                "person": np.full(n, meta["person"]), "frame": frames, "mode": np.full(n, mode), "valid": valid,
+                **{m: np.where(valid, values[-1, k, :, j], np.nan) for j, m in enumerate(self.metrics)},
+            })
+        if self.final is not None:
+            self.final[s] = pred[-1]
+
+    # ---- results --------------------------------------------------------------------
+    def _pooled(self, cells: list[tuple[int, str]]) -> tuple[np.ndarray, np.ndarray]:
+        sums = sum(self.cells[c][0] for c in cells)
+        counts = sum(self.cells[c][1] for c in cells)
+        return sums, counts                                            # (M, K, metrics) each
+
+    def _rows(self, group: str, key: str, means: np.ndarray, frames: int, oracle: Mapping[str, bool]) -> list[dict]:
+        rows = []
+        for m in range(self.steps):
+            for k, mode in enumerate(self.modes):
+                row = {"mode": mode, "oracle": bool(oracle[mode]), "step": m + 1, "group": group, "key": key,
+                       "frames": int(frames)}
+                for j, metric in enumerate(METRICS):
+                    value = means[m, k, self.metrics.index(metric)] if metric in self.metrics else np.nan
+                    row[metric] = float(value) if np.isfinite(value) else None
+                rows.append(row)
+        return rows
+
+    def pooled_rows(self, group: str, key_of, oracle: Mapping[str, bool]) -> list[dict]:
+        """Rows of frame-pooled means per key; ``key_of((seq, action)) -> key``."""
+        by_key: dict[str, list] = defaultdict(list)
+        for cell in self.cells:
+            by_key[key_of(cell)].append(cell)
+        rows = []
+        for key in sorted(by_key) if group != "all" else by_key:
+            sums, counts = self._pooled(by_key[key])
+            with np.errstate(invalid="ignore", divide="ignore"):
+                means = sums / counts
+            rows += self._rows(group, key, means, counts[0, 0, 0], oracle)
+        return rows
+
+    def video_rows(self, oracle: Mapping[str, bool]) -> list[dict]:
+        """EgoHumans (Table 6): per-video means, per-activity means of video means, 'all' = mean of activities."""
+        videos: dict[str, list] = defaultdict(list)
+        for cell in self.cells:
+            videos[video_key(self.source.sequences[cell[0]])].append(cell)
+        rows, activity_means, activity_frames = [], defaultdict(list), defaultdict(int)
+        for key in sorted(videos):
+            sums, counts = self._pooled(videos[key])
+            with np.errstate(invalid="ignore", divide="ignore"):
+                means = sums / counts
+            rows += self._rows("video", key, means, counts[0, 0, 0], oracle)
+            activity = self.source.sequences[videos[key][0][0]]["action"]
+            activity_means[activity].append(means)
+            activity_frames[activity] += int(counts[0, 0, 0])
+        per_activity = {}
+        for activity in sorted(activity_means):
+            per_activity[activity] = np.nanmean(np.stack(activity_means[activity]), axis=0)
+            rows += self._rows("activity", activity, per_activity[activity], activity_frames[activity], oracle)
+        if per_activity:
+            rows += self._rows("all", "all", np.nanmean(np.stack(list(per_activity.values())), axis=0),
+                               sum(activity_frames.values()), oracle)
+        return rows
+
+    def frames_table(self):
+        import pyarrow as pa
+
+        columns = {name: np.concatenate([r[name] for r in self.frame_rows]) for name in self.frame_rows[0]}
+        return pa.table({name: pa.array(values) for name, values in columns.items()})
+
+
+def frame_actions_of(data_dir: Path, source: ClipSource) -> list[np.ndarray]:
+    """Per-frame action labels of every sequence (3DHP test activities change within a sequence)."""
+    subjects = sorted({m["subject"] for m in source.sequences})
+    table = read_table(data_dir / FRAMES_FILE, columns=["subject", "sequence", "camera", "person", "frame", "action"],
+                       filters=[("subject", "in", subjects)])
+    cols = {n: table.column(n).to_numpy(zero_copy_only=False).astype(str) for n in
+            ("subject", "sequence", "camera", "person", "action")}
+    frame = table.column("frame").to_numpy()
+    keys = np.char.add(np.char.add(np.char.add(np.char.add(cols["subject"], "\x1f"), cols["sequence"]), "\x1f"),
+                       np.char.add(np.char.add(cols["camera"], "\x1f"), cols["person"]))
+    order = np.lexsort((frame, keys))
+    keys, frame, action = keys[order], frame[order], cols["action"][order]
+    out = []
+    for meta, lo, n in zip(source.sequences, source.offset.tolist(), source.length.tolist()):
+        key = "\x1f".join([meta["subject"], meta["sequence"], meta["camera"], meta["person"]])
+        a, b = np.searchsorted(keys, key, "left"), np.searchsorted(keys, key, "right")
+        pos = a + np.searchsorted(frame[a:b], np.asarray(source.frame[lo:lo + n]))
+        out.append(action[np.clip(pos, a, max(b - 1, a))] if b > a else np.full(n, meta["action"]))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# The verb
+# --------------------------------------------------------------------------------------
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a checkpoint written by train (RUN_DIR/checkpoints/best.pt)")
+    parser.add_argument("--data", default=None, help="prepared dataset folder (default: the run config's data.dir)")
+    parser.add_argument("--source-2d", default=None, help="2D input: gt or a detector source (default: as trained)")
+    parser.add_argument("--hypotheses", "-H", type=int, default=None, help="H (default: the run config's eval.hypotheses)")
+    parser.add_argument("--steps", "-M", type=int, default=None, help="M DDIM steps (default: eval.steps)")
+    parser.add_argument("--eta", type=float, default=None, help="DDIM eta (default: eval.eta)")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                        help="test-time flip averaging (default: eval.flip)")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's seed)")
+    parser.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: eval.batch_size)")
+    parser.add_argument("--split", default=None, help="split to score (default: eval.split, 'test')")
+    parser.add_argument("--subjects", nargs="+", default=None, help="score only these subjects")
+    parser.add_argument("--modes", nargs="+", default=None, help="aggregation modes (default: all of finepose.aggregate)")
+    parser.add_argument("--root-trajectory", choices=("estimate", "gt"), default=None,
+                        help="root used to reproject hypotheses for p_agg/j_agg (default: eval.root_trajectory)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--out", required=True, help="METRICS_DIR: summary.json, frames.parquet")
+
+
+def run(args: argparse.Namespace) -> int:
+    evaluate(Path(args.checkpoint), Path(args.out), data_dir=args.data, source_2d=args.source_2d,
+             hypotheses=args.hypotheses, steps=args.steps, eta=args.eta, flip=args.flip, seed=args.seed,
+             batch_size=args.batch_size, split=args.split, subjects=args.subjects, modes=args.modes,
+             root_trajectory=args.root_trajectory, device=args.device)
+    return 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_model(checkpoint: Path, device: torch.device):
+    """(model, diffusion, checkpoint dict) from a train checkpoint (or any finepose checkpoint with a run config)."""
+    from finepose.diffusion import GaussianDiffusion
+    from finepose.model import load_checkpoint
+
+    if not checkpoint.is_file():
+        raise FinePoseError(f"{checkpoint}: no such checkpoint; train the run first (python -m finepose train)")
+    try:
+        model, ckpt = load_checkpoint(checkpoint, device="cpu")
+    except FinePoseError:
+        raise
+    except Exception as exc:
+        raise FinePoseError(f"{checkpoint}: cannot load checkpoint ({exc})") from exc
+    run_cfg = ckpt.get("run_config") or {}
+    f = run_cfg.get("diffusion", {})
+    diffusion = GaussianDiffusion(timesteps=f.get("timesteps", 1000), cosine_s=f.get("cosine_s", 0.008),
+                                  scale=f.get("scale", 1.0), clamp=f.get("clamp", 1.1))
+    return model.to(device).eval(), diffusion.to(device), ckpt
+
+
+def evaluate(checkpoint: Path, out_dir: Path, *, data_dir: str | Path | None = None, source_2d: str | None = None,
+             hypotheses: int | None = None, steps: int | None = None, eta: float | None = None,
+             flip: bool | None = None, seed: int | None = None, batch_size: int | None = None,
+             split: str | None = None, subjects: Seq[str] | None = None, modes: Seq[str] | None = None,
+             root_trajectory: str | None = None, device: str = "auto") -> dict[str, Any]:
+    """Score ``checkpoint``; writes out_dir/summary.json and out_dir/frames.parquet; returns the summary."""
+    from finepose.aggregate import MODES, ORACLE_MODES, REPROJECTION_MODES
+    from finepose.runconfig import DEFAULTS
+
+    t0 = time.perf_counter()
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    dev = resolve_device(device)
+    model, diffusion, ckpt = load_model(checkpoint, dev)
+    run_cfg = ckpt.get("run_config") or {}
+    ev = {**DEFAULTS["eval"], **run_cfg.get("eval", {})}
+    data_dir = Path(data_dir or run_cfg.get("data", {}).get("dir") or "")
+    if not str(data_dir) or str(data_dir) == ".":
+        raise FinePoseError(f"{checkpoint}: no --data given and the checkpoint's run config has no data.dir")
+    source_2d = source_2d or run_cfg.get("data", {}).get("source_2d", "gt")
+    hypotheses = hypotheses or ev["hypotheses"]
+    steps = steps or ev["steps"]
+    eta = ev["eta"] if eta is None else eta
+    flip = ev["flip"] if flip is None else flip
+    seed = run_cfg.get("seed", 0) if seed is None else seed
+    batch_size = batch_size or ev["batch_size"]
+    split = split or ev["split"]
+    root_trajectory = root_trajectory or ev["root_trajectory"]
+    modes = list(modes or MODES)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise FinePoseError(f"unknown aggregation modes {unknown}; known: {', '.join(MODES)}")
+
+    meta = read_metadata(data_dir / FRAMES_FILE)
+    for key in ("dataset", "joint_set"):
+        if ckpt.get(key) is not None and meta.get(key) != ckpt.get(key):
+            raise FinePoseError(f"{checkpoint} was trained on {key} {ckpt.get(key)!r}, but {data_dir / FRAMES_FILE} "
+                                f"holds {key} {meta.get(key)!r}; evaluate it on matching data")
+    sequences = load_sequences(data_dir, source_2d, subjects=subjects, split=None if subjects else split)
+    if not sequences:
+        raise FinePoseError(f"{data_dir}: no sequences for {'subjects ' + str(subjects) if subjects else 'split ' + split}")
+    actions = list(meta.get("actions") or sorted({s.action for s in sequences}))
+    source = ClipSource.from_sequences(sequences, meta["joint_set"], actions=actions)
+    frames = int(ckpt.get("frames") or ckpt["model_config"]["frames"])
+    windows = evaluation_windows(source, frames)
+    intrinsics = intrinsics_table(source)
+    skipped = []
+    if intrinsics is None and any(m in REPROJECTION_MODES for m in modes):
+        skipped = [m for m in modes if m in REPROJECTION_MODES]
+        log.warning("cameras.parquet lacks intrinsics for some sequences: skipping %s", ", ".join(skipped))
+        modes = [m for m in modes if m not in REPROJECTION_MODES]
+    dataset = meta["dataset"]
+    persons_per_video = defaultdict(set)
+    for m in source.sequences:
+        persons_per_video[video_key(m)].add(m["person"])
+    multi = dataset == "egohumans" or any(len(p) > 1 for p in persons_per_video.values())
+    is_3dhp = meta["joint_set"] == "mpi_inf_3dhp17"
+    scorer = Scorer(source, windows, modes, steps, frame_actions_of(data_dir, source), pck=is_3dhp,
+                    keep_final=multi)
+    log.info("evaluating %s on %s %s (%s 2D): %d sequences, %d frames, %d windows of %d; H=%d M=%d flip=%s",
+             checkpoint, dataset, split, source_2d, source.num_sequences, source.num_frames, len(windows), frames,
+             hypotheses, steps, flip)
+    amp = bool(run_cfg.get("train", {}).get("amp", True))
+    for res in predict_windows(model, diffusion, source, windows, frames=frames, hypotheses=hypotheses, steps=steps,
+                               eta=eta, flip=flip, batch_size=batch_size, seed=seed, device=dev, amp=amp):
+        scorer.add(res, aggregate_window_batch(res, source, modes, root_trajectory, intrinsics))
+
+    oracle = {m: m in ORACLE_MODES for m in modes}
+    rows = []
+    if multi:
+        rows += scorer.video_rows(oracle)
+    else:
+        seq_meta = source.sequences
+        rows += scorer.pooled_rows("all", lambda c: "all", oracle)
+        rows += scorer.pooled_rows("activity" if is_3dhp else "action", lambda c: c[1], oracle)
+        if not is_3dhp:
+            rows += scorer.pooled_rows("subject", lambda c: seq_meta[c[0]]["subject"], oracle)
+        rows += scorer.pooled_rows("sequence", lambda c: sequence_key(seq_meta[c[0]]), oracle)
+
+    provenance = {
+        "checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint),
+        "variant": ckpt.get("variant"), "dataset": dataset, "joint_set": meta["joint_set"], "source_2d": source_2d,
+        "hypotheses": hypotheses, "steps": steps, "eta": eta, "flip": flip, "seed": seed,
+        "clip_weights": getattr(model, "clip_weights", ckpt.get("clip_weights")),
+        "demo": bool(run_cfg.get("demo", False) or meta.get("demo", False)),
+        "run_config": run_cfg, "modes": modes, "oracle_modes": sorted(m for m in modes if oracle[m]),
+        "modes_skipped": skipped, "root_trajectory": root_trajectory, "split": split,
+        "subjects": sorted({m["subject"] for m in source.sequences}), "data_dir": str(data_dir),
+        "data_source_files": meta.get("source_files"), "frames_per_window": frames, "windows": len(windows),
+        "frames_total": source.num_frames, "frames_scored": scorer.scored_frames, "every_frame_once": True,
+        "multi_human": multi, "device": str(dev), "wall_s": None,
+        "grouping": ("video: frames of all characters pooled; activity: mean of video means; all: mean of "
+                     "activity means (Table 6)") if multi else "frame-pooled means per group",
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from finepose.data.table import write_table
+
+    table = scorer.frames_table()
+    table = table.replace_schema_metadata({b"finepose": _json_bytes({"provenance": {
+        k: v for k, v in provenance.items() if k != "run_config"}, "step": steps})})
+    write_table(table, out_dir / "frames.parquet")
+    if multi:
+        _write_multihuman(out_dir / "multihuman.npz", source, scorer, modes)
+    provenance["wall_s"] = time.perf_counter() - t0
+    summary = {"provenance": provenance, "results": rows}
+    atomic_write_json(out_dir / "summary.json", summary)
+    headline = [r for r in rows if r["group"] == "all" and r["step"] == steps]
+    for r in headline:
+        log.info("%-7s%s MPJPE %.2f mm  P-MPJPE %.2f mm", r["mode"], " (oracle)" if r["oracle"] else "",
+                 r["mpjpe"] or float("nan"), r["p_mpjpe"] or float("nan"))
+    return summary
+
+
+def _json_bytes(obj: Any) -> bytes:
+    import json
+
+    return json.dumps(obj, sort_keys=True, default=str).encode()
+
+
+def _write_multihuman(path: Path, source: ClipSource, scorer: Scorer, modes: Seq[str]) -> None:
+    """Per video: final-step poses of its characters stacked (C, N, J, 3) per mode, zeros out of view."""
+    videos: dict[str, list[int]] = defaultdict(list)
+    for s, meta in enumerate(source.sequences):
+        videos[video_key(meta)].append(s)
+    arrays: dict[str, np.ndarray] = {}
+    for key, seqs in sorted(videos.items()):
+        seqs = sorted(seqs, key=lambda s: source.sequences[s]["person"])
+        spans = [(int(source.offset[s]), int(source.length[s])) for s in seqs]
+        frames = [np.asarray(source.frame[lo:lo + n]) for lo, n in spans]
+        gt, present, numbers = stack_characters([(f, np.asarray(source.y3d[lo:lo + n]))
+                                                 for f, (lo, n) in zip(frames, spans)])
+        valid, _, _ = stack_characters([(f, np.asarray(source.valid[lo:lo + n])[:, None, None])
+                                        for f, (lo, n) in zip(frames, spans)])
+        arrays[f"{key}|gt"] = gt
+        arrays[f"{key}|scored"] = present & valid[..., 0, 0].astype(bool)
+        arrays[f"{key}|frames"] = numbers
+        arrays[f"{key}|characters"] = np.array([source.sequences[s]["person"] for s in seqs])
+        for k, mode in enumerate(modes):
+            arrays[f"{key}|{mode}"], _, _ = stack_characters([(f, scorer.final[s][k]) for f, s in zip(frames, seqs)])
+    with atomic_path(path, suffix=".npz.tmp") as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, **arrays)

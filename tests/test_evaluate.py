@@ -1,0 +1,159 @@
+"""The evaluate verb: summary format, every frame scored once, oracle labels, multi-human stacking."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from engine_helpers import run_config, write_config, write_dataset
+from finepose.evaluate import evaluate, stack_characters
+from finepose.io import FinePoseError, sha256_file
+from finepose.metrics import joint_errors
+from finepose.runconfig import resolve_run_config
+from finepose.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+MODES = ("mean", "p_best", "j_best", "p_agg", "j_agg")
+LENGTHS = (60, 40, 10)     # with 27-frame windows: 2 full + 6-frame tail, 1 full + 13-frame tail, one short
+INVALID = (5, 9)
+
+
+def trained(data_dir: Path, run_dir: Path, **overrides) -> Path:
+    cfg = resolve_run_config(run_config(data_dir, train={"epochs": 1, "max_steps_per_epoch": 3,
+                                                         "checkpoint_every_steps": 0}, **overrides))
+    assert train(cfg, run_dir, device="cpu")["status"] == "done"
+    return run_dir / "checkpoints" / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def h36m(tmp_path_factory):
+    data = write_dataset(tmp_path_factory.mktemp("data"), lengths=LENGTHS, invalid=INVALID)
+    ckpt = trained(data, tmp_path_factory.mktemp("run"))
+    out = tmp_path_factory.mktemp("metrics")
+    summary = evaluate(ckpt, out, data_dir=data, hypotheses=3, steps=2, batch_size=3, device="cpu")
+    return data, ckpt, out, summary
+
+
+def test_summary_format_and_provenance(h36m):
+    data, ckpt, out, summary = h36m
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    prov = summary["provenance"]
+    assert prov["checkpoint"] == str(ckpt) and prov["checkpoint_sha256"] == sha256_file(ckpt)
+    assert (prov["variant"], prov["dataset"], prov["source_2d"], prov["hypotheses"], prov["steps"]) == \
+        ("finepose", "h36m", "gt", 3, 2)
+    assert prov["flip"] is True and prov["seed"] == 0 and prov["clip_weights"] == "random"
+    assert prov["demo"] is False and prov["run_config"]["model"]["width"] == 32
+    assert prov["oracle_modes"] == ["j_best", "p_best"] and prov["every_frame_once"] is True
+    keys = {"mode", "oracle", "step", "group", "key", "frames", "mpjpe", "p_mpjpe", "n_mpjpe", "mpjve", "pck", "auc"}
+    rows = summary["results"]
+    assert all(set(r) == keys for r in rows)
+    assert {(r["mode"], r["step"]) for r in rows} == {(m, s) for m in MODES for s in (1, 2)}
+    assert {r["group"] for r in rows} == {"all", "action", "subject", "sequence"}
+    assert all(r["oracle"] == (r["mode"] in ("p_best", "j_best")) for r in rows)
+    actions = {r["key"] for r in rows if r["group"] == "action"}
+    assert actions == {"Walking", "Eating"}
+    assert {r["key"] for r in rows if r["group"] == "sequence"} == {"S9/Walking 0", "S9/Eating 1", "S9/Walking 2"}
+    assert all(r["pck"] is None and r["mpjpe"] > 0 and r["p_mpjpe"] <= r["mpjpe"] for r in rows)
+
+
+def test_every_frame_scored_exactly_once(h36m):
+    data, ckpt, out, summary = h36m
+    total = sum(LENGTHS)
+    invalid = INVALID[1] - INVALID[0]
+    for row in summary["results"]:
+        if row["group"] == "all":
+            assert row["frames"] == total - invalid                 # S9 only, invalid frames excluded
+    frames = pq.read_table(out / "frames.parquet").to_pandas()
+    assert len(frames) == total * len(MODES)
+    counts = frames.groupby(["mode", "sequence", "frame"]).size()
+    assert (counts == 1).all() and len(counts) == total * len(MODES)
+    assert frames["valid"].sum() == (total - invalid) * len(MODES)
+    assert frames.loc[~frames["valid"], "mpjpe"].isna().all()
+    final = {r["mode"]: r for r in summary["results"] if r["group"] == "all" and r["step"] == 2}
+    for mode, group in frames[frames["valid"]].groupby("mode"):
+        assert group["mpjpe"].mean() == pytest.approx(final[mode]["mpjpe"], rel=1e-9)
+        assert group["p_mpjpe"].mean() == pytest.approx(final[mode]["p_mpjpe"], rel=1e-9)
+    # action rows pool frames: their frame-weighted mean is the 'all' row
+    acts = [r for r in summary["results"] if r["group"] == "action" and r["step"] == 2 and r["mode"] == "mean"]
+    pooled = sum(r["mpjpe"] * r["frames"] for r in acts) / sum(r["frames"] for r in acts)
+    assert pooled == pytest.approx(final["mean"]["mpjpe"])
+
+
+def test_oracle_modes_bound_the_others(h36m):
+    _, _, _, summary = h36m
+    final = {r["mode"]: r["mpjpe"] for r in summary["results"] if r["group"] == "all" and r["step"] == 2}
+    assert final["j_best"] <= final["p_best"] + 1e-9
+
+
+def test_results_do_not_depend_on_batch_size(h36m, tmp_path):
+    data, ckpt, _, summary = h36m
+    again = evaluate(ckpt, tmp_path / "m", data_dir=data, hypotheses=3, steps=2, batch_size=1, device="cpu",
+                     modes=["mean", "j_best"])
+    want = {(r["mode"], r["step"], r["group"], r["key"]): r["mpjpe"] for r in summary["results"]}
+    for r in again["results"]:
+        assert r["mpjpe"] == pytest.approx(want[(r["mode"], r["step"], r["group"], r["key"])], rel=1e-5)
+
+
+def test_refuses_other_dataset(h36m, tmp_path):
+    _, ckpt, _, _ = h36m
+    other = write_dataset(tmp_path / "ego", dataset="egohumans", joint_set="coco17", actions=("tagging",))
+    with pytest.raises(FinePoseError, match="trained on dataset 'h36m', but .* holds dataset 'egohumans'"):
+        evaluate(ckpt, tmp_path / "m", data_dir=other, hypotheses=1, steps=1, device="cpu")
+
+
+def test_stack_characters_keeps_zeros_out_of_view():
+    a = (np.array([0, 1, 2, 3]), np.ones((4, 2, 3)))
+    b = (np.array([2, 3, 5]), 2 * np.ones((3, 2, 3)))
+    stacked, present, frames = stack_characters([a, b])
+    assert stacked.shape == (2, 5, 2, 3) and frames.tolist() == [0, 1, 2, 3, 5]
+    assert present.tolist() == [[True, True, True, True, False], [False, False, True, True, True]]
+    assert (stacked[0, 4] == 0).all() and (stacked[1, :2] == 0).all() and (stacked[1, 4] == 2).all()
+
+
+def test_multi_human_video_and_activity_means(tmp_path):
+    subjects = {"S1": "train", "S2": "train", "S3": "train", "V1": "test", "V2": "test"}
+    data = write_dataset(tmp_path / "ego", subjects=subjects, lengths=(40, 30), dataset="egohumans",
+                         joint_set="coco17", actions=("tagging", "fencing"), persons=2, gaps=True)
+    ckpt = trained(data, tmp_path / "run", dataset="egohumans",
+                   data={"dir": str(data), "val_subjects": ["S3"], "val_fraction": 0.0})
+    summary = evaluate(ckpt, tmp_path / "m", data_dir=data, hypotheses=2, steps=2, batch_size=4, device="cpu")
+    rows = [r for r in summary["results"] if r["step"] == 2 and r["mode"] == "j_agg"]
+    videos = {r["key"]: r for r in rows if r["group"] == "video"}
+    assert set(videos) == {"V1/tagging 0/cam0", "V1/fencing 1/cam0", "V2/tagging 0/cam0", "V2/fencing 1/cam0"}
+    gap = 7
+    assert videos["V1/tagging 0/cam0"]["frames"] == 2 * 40 - gap     # out-of-view frames are not scored
+    stacks = np.load(tmp_path / "m" / "multihuman.npz")
+    for key, row in videos.items():
+        pred, gt, scored = stacks[f"{key}|j_agg"], stacks[f"{key}|gt"], stacks[f"{key}|scored"]
+        assert pred.shape[:2] == scored.shape and pred.shape[0] == 2 and pred.shape[2:] == (17, 3)
+        assert (pred[~scored] == 0).all() and (~scored).sum() == gap  # person 1 leaves the view
+        assert joint_errors(pred[scored], gt[scored]).mean() == pytest.approx(row["mpjpe"], rel=1e-5)
+    activities = {r["key"]: r["mpjpe"] for r in rows if r["group"] == "activity"}
+    for activity, value in activities.items():
+        assert value == pytest.approx(np.mean([v["mpjpe"] for k, v in videos.items() if activity in k]))
+    (overall,) = [r for r in rows if r["group"] == "all"]
+    assert overall["mpjpe"] == pytest.approx(np.mean(list(activities.values())))
+    assert summary["provenance"]["multi_human"] is True
+
+
+def test_cli_evaluate_verb(h36m, tmp_path):
+    data, ckpt, _, _ = h36m
+    out = tmp_path / "metrics"
+    proc = subprocess.run([sys.executable, "-m", "finepose", "evaluate", str(ckpt), "--data", str(data),
+                           "--source-2d", "gt", "--hypotheses", "2", "--steps", "1", "--no-flip", "--device", "cpu",
+                           "--modes", "mean", "j_agg", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["provenance"]["flip"] is False and summary["provenance"]["modes"] == ["mean", "j_agg"]
+    assert (out / "frames.parquet").is_file()
+    proc = subprocess.run([sys.executable, "-m", "finepose", "evaluate", str(tmp_path / "missing.pt"),
+                           "--data", str(data), "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "no such checkpoint" in proc.stderr
