@@ -252,7 +252,8 @@ def test_nan_coordinates_are_counted_and_invalid(raw, tmp_path):
     assert any("NaN" in note for note in report["notes"])
     image = coco["images"][hit["image_id"]]
     df = pq.read_table(tmp_path / "out" / "frames.parquet").to_pandas()
-    row = df[(df.sequence == image["video_name"]) & (df.person == hit["human_name"]) & (df.frame == hit["time_stamp"] - 1)]
+    row = df[(df.sequence == image["video_name"]) & (df.person == hit["human_name"])
+             & (df.frame == hit["time_stamp"] - 1)]
     assert len(row) == 1 and not row["valid"].iloc[0]
     assert np.all(np.isfinite(np.stack(df["keypoints_3d"].to_numpy())))
 

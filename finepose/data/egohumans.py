@@ -186,7 +186,8 @@ def load_json(path: Path) -> dict[str, Any]:
     except FileNotFoundError as exc:
         raise FinePoseError(f"{path}: no such file") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FinePoseError(f"{path}: truncated or corrupt JSON ({exc}); re-download the benchmark annotations") from exc
+        raise FinePoseError(f"{path}: truncated or corrupt JSON ({exc}); "
+                            "re-download the benchmark annotations") from exc
     if not isinstance(data, dict) or not {"images", "annotations"} <= set(data):
         raise FinePoseError(f"{path}: not a COCO keypoint file (needs 'images' and 'annotations')")
     return data
@@ -227,7 +228,8 @@ def prepare(raw_dir: Path, out_dir: Path, *, force: bool = False, activities: It
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     if not raw_dir.is_dir():
-        raise FinePoseError(f"{raw_dir}: no such folder; pass --raw the EgoHumans data root (the folder holding benchmark/)")
+        raise FinePoseError(f"{raw_dir}: no such folder; pass --raw the EgoHumans data root "
+                            "(the folder holding benchmark/)")
     activities = tuple(activities)
     unknown = [a for a in activities if a not in ALL_ACTIVITIES]
     if unknown:
@@ -273,7 +275,8 @@ def prepare(raw_dir: Path, out_dir: Path, *, force: bool = False, activities: It
         for ann in data["annotations"]:
             image = images.get(ann.get("image_id"))
             if image is None:
-                raise FinePoseError(f"{path}: annotation id {ann.get('id')} refers to unknown image id {ann.get('image_id')}")
+                raise FinePoseError(f"{path}: annotation id {ann.get('id')} refers to unknown image id "
+                                    f"{ann.get('image_id')}")
             human = str(ann.get("human_name", ""))
             key = (image["file_name"], human)
             if key in seen:
@@ -294,7 +297,8 @@ def prepare(raw_dir: Path, out_dir: Path, *, force: bool = False, activities: It
                                     f"{JSON_NAME} (ego RGB) carries 3D")
             if len(keypoints_3d) != NUM_JOINTS * 4:
                 raise FinePoseError(f"{path}: annotation id {ann.get('id')}: keypoints_3d has {len(keypoints_3d)} "
-                                    f"numbers, expected {NUM_JOINTS * 4} (17 joints x [X, Y, Z, flag]); wrong joint count")
+                                    f"numbers, expected {NUM_JOINTS * 4} (17 joints x [X, Y, Z, flag]); "
+                                    "wrong joint count")
             kp = np.asarray(keypoints, dtype=np.float64).reshape(NUM_JOINTS, 3)
             kp3 = np.asarray(keypoints_3d, dtype=np.float64).reshape(NUM_JOINTS, 4)
             tracks[(video, human)][_time_stamp(image["file_name"])] = {"kp": kp, "kp3": kp3}

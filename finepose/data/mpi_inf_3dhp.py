@@ -84,7 +84,8 @@ def read_mat(path: Path, names: Iterable[str]) -> dict[str, Any]:
     path = Path(path)
     names = list(names)
     if not path.is_file():
-        raise FinePoseError(f"{path}: no such file; check the release folder layout (see finepose/data/mpi_inf_3dhp.py)")
+        raise FinePoseError(f"{path}: no such file; check the release folder layout "
+                            "(see finepose/data/mpi_inf_3dhp.py)")
     with open(path, "rb") as handle:
         header = handle.read(128)
     if header.startswith(b"MATLAB 7.3") or header[:8] == b"\x89HDF\r\n\x1a\n":
@@ -358,10 +359,12 @@ def read_train_sequence(path: Path, cameras: Iterable[int] | None) -> dict[int, 
             value = np.asarray(cell[slot], dtype=np.float64)
             if value.ndim != 2 or value.shape[1] != NUM_JOINTS_TRAIN * dims:
                 raise FinePoseError(
-                    f"{path}: {name}{{{slot + 1}}} has shape {value.shape}, expected (frames, {NUM_JOINTS_TRAIN * dims}): "
+                    f"{path}: {name}{{{slot + 1}}} has shape {value.shape}, "
+                    f"expected (frames, {NUM_JOINTS_TRAIN * dims}): "
                     f"wrong joint count ({value.shape[-1] / dims:g} joints, {NUM_JOINTS_TRAIN} expected)")
             if len(value) != len(frame_ids):
-                raise FinePoseError(f"{path}: {name}{{{slot + 1}}} has {len(value)} frames, 'frames' lists {len(frame_ids)}")
+                raise FinePoseError(f"{path}: {name}{{{slot + 1}}} has {len(value)} frames, "
+                                    f"'frames' lists {len(frame_ids)}")
             entry[name] = value.reshape(len(value), NUM_JOINTS_TRAIN, dims)
         out[cam] = entry
     return out

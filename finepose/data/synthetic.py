@@ -41,7 +41,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -162,7 +162,8 @@ def forward_kinematics(body: Body, q: dict[str, np.ndarray], yaw: np.ndarray) ->
     J[:, 15] = J[:, 14] + _apply(R_head, _unit(0.15, 0, 1.0) * body.head_top)
     J[:, 16] = J[:, 13]
     J[:, 24] = J[:, 13]
-    arms = (("l", 1.0, (17, 18, 19, 20, 21, 22, 23), body.hand), ("r", -1.0, (25, 26, 27, 28, 29, 30, 31), body.hand_right))
+    arms = (("l", 1.0, (17, 18, 19, 20, 21, 22, 23), body.hand),
+            ("r", -1.0, (25, 26, 27, 28, 29, 30, 31), body.hand_right))
     for side, sgn, (sh, el, wr, th, th_end, hand, hand_end), hand_len in arms:
         J[:, sh] = J[:, 13] + _apply(R_chest, _unit(0, sgn, -0.5) * body.shoulder)
         R_upper = R_chest @ _rot(0, sgn * q[f"{side}_sh_abd"]) @ _rot(1, -q[f"{side}_sh_flex"])
@@ -227,7 +228,8 @@ def action_motion(action: str, n: int, fps: float, rng: np.random.Generator, are
         for side, shift in (("l", 0.0), ("r", np.pi)):
             p = phi + shift
             q[f"{side}_hip_flex"] = 8 + 22 * amp * np.sin(p)
-            q[f"{side}_knee"] = 6 + 55 * amp * np.clip(np.cos(p + 0.35), 0, None) ** 2 + 8 * np.clip(np.cos(p - 2.6), 0, None)
+            swing = np.clip(np.cos(p + 0.35), 0, None) ** 2                   # knee flexes most in early swing
+            q[f"{side}_knee"] = 6 + 55 * amp * swing + 8 * np.clip(np.cos(p - 2.6), 0, None)
             q[f"{side}_ankle"] = 8 * np.sin(p - 1.0)
             q[f"{side}_sh_flex"] = 4 - 20 * amp * np.sin(p)            # arm swings against its leg
             q[f"{side}_elbow"] = 18 + 10 * (1 - np.sin(p))
@@ -265,7 +267,8 @@ def action_motion(action: str, n: int, fps: float, rng: np.random.Generator, are
         q["r_sh_flex"] = 4 + 20 * raised
         q["r_elbow_up"] = raised * (95 + 28 * amp * wave)
         q["r_elbow"] = 12 + 10 * raised
-        q["lean"] = q["lean"] + 12 * np.clip(np.sin(2 * np.pi * t / period + phase), 0, None) * (1 - raised)  # a nod/bow
+        bow = np.clip(np.sin(2 * np.pi * t / period + phase), 0, None) * (1 - raised)
+        q["lean"] = q["lean"] + 12 * bow                                 # a nod between the waves
         q["head_yaw"] = 10 * np.sin(2 * np.pi * 0.2 * t + phase)
         yaw = yaw0 + 25 * np.sin(2 * np.pi * 0.12 * t + phase)
     elif action == "Phoning":
@@ -553,7 +556,7 @@ def h36m32_to_mpi28(points: np.ndarray) -> np.ndarray:
 
 
 def _look_at(position: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """World-to-camera rotation (x right, y down, z forward) for a camera at ``position`` looking at ``target``; z up."""
+    """World-to-camera rotation (x right, y down, z forward) of a camera at ``position`` looking at ``target``."""
     forward = _unit(*(target - position))
     right = np.cross(forward, np.array([0.0, 0.0, 1.0]))
     right /= np.linalg.norm(right)
@@ -764,7 +767,8 @@ def _tc_calibration(calib: dict[str, Any]) -> str:
         f"\t\tsensorSize\t{calib['sensor'][0]:.6f}\t{calib['sensor'][1]:.6f}\t# in mm",
         f"\t\tfocalLength\t{calib['focal']:.9f}\t# in mm",
         f"\t\tpixelAspect\t{calib['aspect']:.9f}\t# y / x",
-        f"\t\tcenterOffset\t{calib['offset'][0]:.9f}\t{calib['offset'][1]:.9f}\t# in mm (positive values move right and down)",
+        f"\t\tcenterOffset\t{calib['offset'][0]:.9f}\t{calib['offset'][1]:.9f}"
+        "\t# in mm (positive values move right and down)",
         "\t\tdistortionModel\tOpenCV",
         "\t\tdistortion\t0.0 0.0 0.0 0.0 0.0",
         "\t\t\torigin\t0.0\t1000.0\t-4000.0",
@@ -779,7 +783,8 @@ EGO_BIG = {"tagging": "01_tagging", "legoassemble": "02_legoassemble", "fencing"
 EGO_ARIAS = {"tagging": ("aria01", "aria02", "aria03"), "legoassemble": ("aria01", "aria02", "aria03"),
              "fencing": ("aria01", "aria02")}
 EGO_MOTION = {"tagging": "Walking", "legoassemble": "Eating", "fencing": "Directions"}
-EGO_JSON = Path("benchmark") / "01_tagging:02_legoassemble:03_fencing" / "all" / "coco" / "person_keypoints_ego_rgb.json"
+EGO_JSON = (Path("benchmark") / "01_tagging:02_legoassemble:03_fencing" / "all" / "coco"
+            / "person_keypoints_ego_rgb.json")
 EGO_SIZE = 1408
 COCO_NAMES = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
               "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip",
@@ -844,7 +849,8 @@ def write_egohumans(folder: Path, seed: int, scale: Scale) -> dict[str, Any]:
             people[aria] = (world_mm / 1000.0, R_head, coco17_from_rig(world_mm, R_head) / 1000.0)
         for aria in arias:
             world, R_head, _ = people[aria]
-            # Aria RGB camera on the forehead, looking forward and a little down; upright frame x right, y down, z forward.
+            # Aria RGB camera on the forehead, looking forward and a little down (upright frame: x right,
+            # y down, z forward).
             eye = world[:, 14] + R_head @ np.array([0.09, 0.0, 0.06])
             R_cam_up = np.stack([_aria_world_to_upright(R) for R in R_head])            # (n, 3, 3)
             # raw sensor frame = upright rotated back: X = Y', Y = -X'
@@ -873,7 +879,7 @@ def write_egohumans(folder: Path, seed: int, scale: Scale) -> dict[str, Any]:
                     x_up = EGO_SIZE - uv_raw[:, 1]
                     y_up = uv_raw[:, 0]
                     xy = np.round(np.stack([x_up, y_up], axis=1))
-                    inside = (xy[:, 0] > 0) & (xy[:, 0] <= EGO_SIZE) & (xy[:, 1] > 0) & (xy[:, 1] <= EGO_SIZE) & (raw[:, 2] > 0)
+                    inside = ((xy > 0) & (xy <= EGO_SIZE)).all(axis=1) & (raw[:, 2] > 0)
                     if inside.sum() < 5:
                         continue
                     vis = np.where(inside, 2, 0)
@@ -890,7 +896,8 @@ def write_egohumans(folder: Path, seed: int, scale: Scale) -> dict[str, Any]:
                         "keypoints": np.concatenate([xy, vis[:, None]], axis=1).astype(int).reshape(-1).tolist(),
                         "num_keypoints": int(inside.sum()), "human_name": other, "camera_name": aria,
                         "camera_mode": "rgb", "time_stamp": ts,
-                        "keypoints_3d": np.round(np.concatenate([raw, np.ones((17, 1))], axis=1), 6).reshape(-1).tolist()})
+                        "keypoints_3d": np.round(np.concatenate([raw, np.ones((17, 1))], axis=1), 6)
+                                        .reshape(-1).tolist()})
     categories = [{"id": 1, "name": "person", "supercategory": "person", "keypoints": list(COCO_NAMES),
                    "skeleton": COCO_SKELETON}]
     categories += [{"id": i, "name": name, "supercategory": name} for i, name in
@@ -907,7 +914,7 @@ def write_egohumans(folder: Path, seed: int, scale: Scale) -> dict[str, Any]:
 
 
 def _aria_world_to_upright(R_head: np.ndarray) -> np.ndarray:
-    """Head rotation (body frame x forward, y left, z up) -> world-to-camera (x right, y down, z forward), pitched down 15 deg."""
+    """Head rotation (x forward, y left, z up) -> world-to-camera (x right, y down, z forward), 15 deg down."""
     pitch = _rot(1, np.array([15.0]))[0]
     R = R_head @ pitch
     forward, left, up = R[:, 0], R[:, 1], R[:, 2]
