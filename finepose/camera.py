@@ -82,13 +82,19 @@ def quaternion_to_matrix(q: Any) -> np.ndarray:
 def world_to_camera(points: Any, R: Any, t: Any) -> Any:
     """(..., 3) world points -> camera coordinates, ``R @ (X - t)``; t in the points' units."""
     points = _float(points)
-    return (points - _param(t, points)) @ _param(R, points).T
+    return _rotate(points - _param(t, points), _param(R, points).T)
 
 
 def camera_to_world(points: Any, R: Any, t: Any) -> Any:
     """Inverse of ``world_to_camera``: ``R.T @ X + t``."""
     points = _float(points)
-    return points @ _param(R, points) + _param(t, points)
+    return _rotate(points, _param(R, points)) + _param(t, points)
+
+
+def _rotate(points: Any, matrix_t: Any) -> Any:
+    """(..., 3) @ (3, 3) as one matrix product (a stack of tiny products is ~10x slower)."""
+    shape = points.shape
+    return (points.reshape(-1, 3) @ matrix_t).reshape(shape)
 
 
 # --- projection ---------------------------------------------------------------------------
