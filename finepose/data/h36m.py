@@ -224,6 +224,14 @@ def _npz_2d_files(raw_dir: Path, sources_2d: Iterable[str] | None) -> dict[str, 
     return out
 
 
+def _skipped_gt(raw_dir: Path, wanted: list[str] | None) -> list[dict[str, str]]:
+    path = raw_dir / f"{_NPZ_2D_PREFIX}gt.npz"
+    if wanted is None and path.is_file():
+        return [{"file": path.name, "reason": "VideoPose3D's projected ground truth; the table's keypoints_2d "
+                                              "is the same projection, computed here"}]
+    return []
+
+
 # --- readers -------------------------------------------------------------------------------
 
 def _read_cameras_h5(path: Path, rel: str) -> dict[tuple[str, str], cam_mod.Camera]:
@@ -544,10 +552,12 @@ def prepare(raw_dir: Path, out_dir: Path, *, force: bool = False, layout: str = 
         files_3d, sh_files, cameras_path = _baseline_files(raw_dir)
         if wanted is not None and "sh" not in wanted:
             sh_files = {}
+        elif wanted is not None and not sh_files:
+            raise FinePoseError(f"{raw_dir}: 2D source 'sh' requested but there are no S*/StackedHourglass/*.h5 files")
         # A detection file can only be used when its 3D sequence exists: hash just those.
         names_3d = {(f.parents[2].name, f.name[:-3]) for f in files_3d}
         keys_3d = {(s, sequence_key(n, f"{s}/MyPoses/3D_positions/{n}.h5")) for s, n in names_3d}
-        skipped = []
+        skipped = _skipped_gt(raw_dir, wanted)
         for key, path in list(sh_files.items()):
             subject, name, _ = key
             if (subject, name.replace("_", " ")) not in names_3d and \
@@ -559,7 +569,7 @@ def prepare(raw_dir: Path, out_dir: Path, *, force: bool = False, layout: str = 
         if wanted is not None and "sh" in wanted:
             raise FinePoseError(f"{raw_dir}: 2D source 'sh' (Stacked Hourglass h5 files) belongs to the "
                                 "3d_pose_baseline layout; use data_2d_h36m_<source>.npz files here")
-        skipped = []
+        skipped = _skipped_gt(raw_dir, wanted)
         inputs = [raw_dir / _NPZ_3D, *npz_2d.values()]
     source_files = {_rel(p, raw_dir): sha256_file(p) for p in inputs}
 
