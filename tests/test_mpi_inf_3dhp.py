@@ -185,11 +185,11 @@ def test_real_left_right_joint_sets_match_bone_directions(mpi_test_raw):
         seq = mpi.read_test_sequence(mpi_test_raw / name / "annot_data.mat")
         points = seq["annot3"][seq["valid_frame"] == 1]
         checks = _facing_checks(points, js.left, js.right)
-        assert checks["left_knee"] > 20 and checks["right_knee"] > 20, (name, checks)
+        assert checks["left_knee"] > 10 and checks["right_knee"] > 10, (name, checks)
         assert checks["left_elbow"] < 0 and checks["right_elbow"] < 0, (name, checks)
         # with the sides swapped every cue flips: the test can tell the two apart
         swapped = _facing_checks(points, js.right, js.left)
-        assert swapped["left_knee"] < -20 and swapped["right_knee"] < -20, (name, swapped)
+        assert swapped["left_knee"] < -10 and swapped["right_knee"] < -10, (name, swapped)
 
 
 # --------------------------------------------------------------------------- synthetic releases
