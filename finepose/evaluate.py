@@ -74,7 +74,10 @@ def predict_windows(model, diffusion, source: ClipSource, windows: EvalWindows, 
                     steps: int, eta: float = 1.0, flip: bool = True, batch_size: int = 8, seed: int = 0,
                     device: torch.device | str = "cpu", amp: bool = True,
                     window_ids: np.ndarray | None = None) -> Iterator[WindowResult]:
-    """DDIM-sample H hypotheses in M steps for each window, ``batch_size`` windows at a time."""
+    """DDIM-sample H hypotheses in M steps for each window, ``batch_size`` windows at a time.
+
+    The predicted root joint is set to 0 (targets are root-relative), as the official code does.
+    """
     from finepose.diffusion import flip_averaged, pose_mirror
 
     device = torch.device(device)
@@ -104,6 +107,8 @@ def predict_windows(model, diffusion, source: ClipSource, windows: EvalWindows, 
         x0 = diffusion.ddim_sample(denoise, (b, frames, joints, 3), hypotheses=hypotheses, steps=steps, eta=eta,
                                    noise=noise.to(device), step_noise=None if step_noise is None
                                    else step_noise.to(device), device=device)
+        if source.joint_set.root is not None:   # the target root is 0 by construction (as the official code)
+            x0[..., source.joint_set.root, :] = 0
         yield WindowResult(index=ids[idx], seq=w.seq, batch=batch, scored=scored, x0=x0.float())
 
 

@@ -320,15 +320,6 @@ def check_compatible(ckpt: Mapping[str, Any], cfg: Mapping[str, Any], joint_set:
                             f"({'; '.join(diff) or 'hash differs'}); use another --out folder")
 
 
-def _preemption_requested() -> bool:
-    try:
-        from finepose import launch
-    except ImportError:
-        return False
-    hook = getattr(launch, "preemption_requested", None)
-    return bool(hook()) if hook is not None else False
-
-
 # --------------------------------------------------------------------------------------
 # Logging
 # --------------------------------------------------------------------------------------
@@ -448,15 +439,16 @@ def _copy_atomic(src: Path, dst: Path) -> None:
 
 def train(cfg: Mapping[str, Any], run_dir: Path, *, resume: str = "auto", max_steps: int | None = None,
           device: str = "auto", progress: bool | None = None,
-          stop_after_step: Callable[[int], bool] | None = None,
           probe: Callable[[int, nn.Module], None] | None = None) -> dict[str, Any]:
     """Train (or resume, or confirm finished) the run in ``run_dir``. Returns a status dict.
 
     ``status`` is ``done`` (every epoch trained; done.json written), ``stopped``
     (``max_steps`` reached) or ``preempted`` (the launcher asked to stop; last.pt
-    saved). Test hooks: ``stop_after_step(step)`` simulates preemption after that step;
-    ``probe(step, model)`` sees the model after each backward pass, before the update.
+    saved). Test hook: ``probe(step, model)`` sees the model after each backward pass,
+    before the update.
     """
+    from finepose.launch import preemption_requested   # set by the launcher's SIGUSR2/SIGTERM handlers
+
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
@@ -584,7 +576,7 @@ def train(cfg: Mapping[str, Any], run_dir: Path, *, resume: str = "auto", max_st
                     value = step_module(x2d, y0, mask, t_all[mine].to(dev), noise_all[mine].to(dev), actions)
                 # value = (sum over local frames of the per-frame loss) / (local frames incl. masked)
                 local_frames = batch.mask.size
-                stop_flag = float(_preemption_requested() or (stop_after_step is not None and stop_after_step(step + 1)))
+                stop_flag = float(preemption_requested())
                 stats = torch.tensor([value.detach().double().item() * local_frames, float(batch.mask.sum()),
                                       stop_flag], dtype=torch.float64, device=dev)
                 dist.all_reduce(stats)

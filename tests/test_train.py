@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -87,8 +88,18 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(finished_run, tmp_path
     run_dir = tmp_path / "interrupted"
     first = train(cfg, run_dir, device="cpu", max_steps=4)          # stops mid-epoch 0 (checkpoint every 3)
     assert first["status"] == "stopped" and not (run_dir / "done.json").exists()
-    second = train(cfg, run_dir, device="cpu", stop_after_step=lambda step: step == 7)  # "preempted" in epoch 1
-    assert second["status"] == "preempted"
+    # the launcher's SIGUSR2 handler sets its flag during step 6; the trainer stops after step 7
+    from finepose import launch
+
+    def preempt(step, model):
+        if step == 6:
+            launch._PREEMPTION.set(signal.SIGUSR2)
+
+    try:
+        second = train(cfg, run_dir, device="cpu", probe=preempt)
+    finally:
+        launch._PREEMPTION.clear()
+    assert second["status"] == "preempted" and second["step"] == 7
     third = train(cfg, run_dir, device="cpu")
     assert third["status"] == "done"
     assert_same_weights(weights(reference / "checkpoints/last.pt"), weights(run_dir / "checkpoints/last.pt"))
