@@ -201,13 +201,17 @@ def pretrained_text_state(clip_model: str, pretrained: str) -> dict[str, torch.T
 
 def load_text_weights(tower: CLIPTextTower, clip_model: str, pretrained: str, allow_random: bool,
                       seed: int) -> str:
-    """Fill ``tower`` with CLIP weights; return the label recorded everywhere ("openai", the path, "random")."""
+    """Fill ``tower`` with CLIP weights; return the label recorded everywhere ("openai", the path, "random").
+
+    The weights are assigned (``load_state_dict(assign=True)``), so ``tower`` may live on the meta
+    device; its parameters keep requires_grad False.
+    """
     reason = None
     if pretrained == "none":
         reason = "clip_pretrained is 'none'"
     else:
         try:
-            tower.load_state_dict(pretrained_text_state(clip_model, pretrained))
+            tower.load_state_dict(pretrained_text_state(clip_model, pretrained), assign=True)
             return pretrained
         except Exception as exc:  # noqa: BLE001 - any failure to get the weights is handled below
             if not allow_random:
@@ -224,5 +228,5 @@ def load_text_weights(tower: CLIPTextTower, clip_model: str, pretrained: str, al
                "recorded as clip_weights 'random' and are not comparable with the paper.")
     log.warning("!" * 20 + " " + message + " " + "!" * 20)
     warnings.warn(message, RuntimeWarning, stacklevel=3)
-    tower.load_state_dict(random_text_state(clip_model, seed))
+    tower.load_state_dict(random_text_state(clip_model, seed), assign=True)
     return "random"

@@ -206,7 +206,7 @@ class FinePOSE(nn.Module):
         self.temporal_norm = nn.LayerNorm(dim, eps=BACKBONE_LN_EPS)
         self.head_norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, 3)
-        self.prompts = PartAwarePrompts(cfg) if cfg.uses_text else None
+        self.prompts = PartAwarePrompts(cfg, clip_on_meta=load_clip) if cfg.uses_text else None
         text_dim = self.prompts.clip.width if self.prompts is not None else dim
         self.fpc = PromptPoseCommunication(dim, text_dim, cfg.heads) if cfg.fpc else None
         self.pts = TimestepStylization(dim) if cfg.pts else None

@@ -135,11 +135,15 @@ class PartAwarePrompts(nn.Module):
     (Linear D_text -> width, gives P[L]).
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, clip_on_meta: bool = False):
         super().__init__()
         self.cfg = cfg
         self.segments = prompt_segments(cfg.prompt, cfg.prompt_layout)
-        self.clip = build_text_tower(cfg.clip_model)
+        if clip_on_meta:  # weights are assigned right after (load_text_weights): skip a pointless init
+            with torch.device("meta"):
+                self.clip = build_text_tower(cfg.clip_model)
+        else:
+            self.clip = build_text_tower(cfg.clip_model)
         self.clip.requires_grad_(False)
         dim = self.clip.width
         self.length = sum(s.length for s in self.segments)
