@@ -78,3 +78,23 @@ def test_shape_errors(tmp_path):
         build_frame_table(dict(dataset="x", split="t", subject="a", action="a", sequence="a", camera="c",
                                person="0", frame=np.arange(2), keypoints_2d=np.zeros((2, 17, 2)),
                                keypoints_3d=np.zeros((2, 16, 3)), valid=np.ones(2, bool)), 17, {})
+
+
+def test_subject_and_split_filters_across_row_groups(tmp_path):
+    """Filters read only matching row groups; rows come back complete and in frame order."""
+    n, joints = 150_000, 2  # > 2 row groups of 64k rows
+    subject = np.where(np.arange(n) < 70_000, "S1", np.where(np.arange(n) < 140_000, "S9", "S11"))
+    split = np.where(subject == "S1", "train", "test")
+    frame = np.arange(n) % 70_000
+    kp3d = np.broadcast_to(np.arange(n, dtype=np.float64)[:, None, None], (n, joints, 3))
+    table = build_frame_table(dict(dataset="d", split=split, subject=subject, action="a", sequence="s",
+                                   camera="c", person="0", frame=frame, keypoints_2d=np.zeros((n, joints, 2)),
+                                   keypoints_3d=kp3d, valid=np.ones(n, bool)), joints, {"joint_set": "x"})
+    write_table(table, tmp_path / "frames.parquet")
+    write_table(build_camera_table([], {}), tmp_path / "cameras.parquet")
+    (s9,) = load_sequences(tmp_path, subjects=["S9"])
+    assert len(s9.frame) == 70_000 and s9.keypoints_3d[0, 0, 0] == 70_000
+    assert np.all(np.diff(s9.frame) == 1)
+    test = load_sequences(tmp_path, split="test")
+    assert [s.subject for s in test] == ["S11", "S9"] and sum(len(s.frame) for s in test) == 80_000
+    assert load_sequences(tmp_path, subjects=["S5"]) == []

@@ -98,7 +98,8 @@ def build_frame_table(
             dims = 2 if name.startswith(SOURCE_PREFIX) else 3
             if values.shape != (rows, num_joints, dims):
                 raise ValueError(f"{name} has shape {values.shape}, expected ({rows}, {num_joints}, {dims})")
-            missing = ~np.isfinite(values.reshape(rows, -1)).any(axis=1)
+            # A row with any non-finite value is "no detection" (null), never zeros.
+            missing = ~np.isfinite(values.reshape(rows, -1)).all(axis=1)
             arrays[name] = _fixed_list(np.nan_to_num(values), num_joints * dims, missing)
         elif name.startswith(CONFIDENCE_PREFIX):
             arrays[name] = _fixed_list(values, num_joints)
@@ -113,7 +114,9 @@ def build_frame_table(
 def write_table(table: pa.Table, path: str | Path) -> None:
     """Write a Parquet file atomically (temp file in the same folder, then rename)."""
     with atomic_path(path, suffix=".parquet.tmp") as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+        # Row groups of 64k rows keep column statistics fine-grained, so subject/split
+        # filters in load_sequences skip most of a large table instead of scanning it.
+        pq.write_table(table, tmp, compression="zstd", row_group_size=1 << 16)
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -177,7 +180,7 @@ class Sequence:
 
     dataset: str
     subject: str
-    action: str
+    action: str                  # the first frame's action (3DHP activities vary per frame: read the table)
     sequence: str
     camera: str
     person: str
@@ -220,15 +223,18 @@ def load_sequences(
     wanted = list(STRING_COLUMNS) + ["frame", "keypoints_2d", "keypoints_3d", "valid"]
     if column_2d != "keypoints_2d":
         wanted.append(column_2d)
-    filters = []
-    if subjects is not None:
-        filters.append(("subject", "in", list(subjects)))
-    if split is not None:
-        filters.append(("split", "=", split))
-    table = pq.read_table(frames_path, columns=wanted, filters=filters or None)
+    table = _read_rows(frames_path, wanted, subjects=subjects, split=split)
     cameras = load_cameras(data_dir)
 
-    strings = {name: table.column(name).to_numpy(zero_copy_only=False).astype(str) for name in STRING_COLUMNS}
+    def codes(name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Dictionary-encode a string column: (per-row int codes, distinct values)."""
+        column = table.column(name).combine_chunks()
+        if not pa.types.is_dictionary(column.type):
+            column = column.dictionary_encode()
+        return (column.indices.to_numpy(zero_copy_only=False).astype(np.int64),
+                column.dictionary.to_numpy(zero_copy_only=False).astype(str))
+
+    encoded = {name: codes(name) for name in STRING_COLUMNS}
     frame = table.column("frame").to_numpy()
     kp2d_gt = list_to_numpy(table.column("keypoints_2d"), (num_joints, 2))
     kp3d = list_to_numpy(table.column("keypoints_3d"), (num_joints, 3))
@@ -236,24 +242,55 @@ def load_sequences(
     valid = table.column("valid").to_numpy(zero_copy_only=False).astype(bool)
     valid &= np.isfinite(kp2d).all(axis=(1, 2)) & np.isfinite(kp3d).all(axis=(1, 2))
 
-    keys = np.stack([strings[n] for n in ("subject", "sequence", "camera", "person")], axis=1)
-    _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    order = np.lexsort((frame, inverse))
-    bounds = np.flatnonzero(np.diff(inverse[order])) + 1
+    # Group rows by (subject, sequence, camera, person) on the integer codes: one lexsort.
+    key_codes = [encoded[n][0] for n in ("subject", "sequence", "camera", "person")]
+    order = np.lexsort([frame] + key_codes[::-1])
+    sorted_keys = np.stack([k[order] for k in key_codes], axis=1)
+    bounds = np.flatnonzero((np.diff(sorted_keys, axis=0) != 0).any(axis=1)) + 1
+
+    def value(name: str, row: int) -> str:
+        row_codes, dictionary = encoded[name]
+        return str(dictionary[row_codes[row]])
+
     out = []
     for rows in np.split(order, bounds):
         r0 = rows[0]
-        cam_key = (strings["subject"][r0], strings["camera"][r0])
+        subject, camera = value("subject", r0), value("camera", r0)
         out.append(Sequence(
-            dataset=strings["dataset"][r0], subject=strings["subject"][r0], action=strings["action"][r0],
-            sequence=strings["sequence"][r0], camera=strings["camera"][r0], person=strings["person"][r0],
-            split=strings["split"][r0], frame=frame[rows], keypoints_2d=kp2d[rows],
+            dataset=value("dataset", r0), subject=subject, action=value("action", r0),
+            sequence=value("sequence", r0), camera=camera, person=value("person", r0),
+            split=value("split", r0), frame=frame[rows], keypoints_2d=kp2d[rows],
             keypoints_3d=kp3d[rows], valid=valid[rows], keypoints_2d_gt=kp2d_gt[rows],
-            camera_info=cameras.get(cam_key, {}),
+            camera_info=cameras.get((subject, camera), {}),
         ))
     out.sort(key=lambda s: s.key)
     return out
+
+
+def _read_rows(path: Path, columns: list[str], *, subjects: Iterable[str] | None,
+               split: str | None) -> pa.Table:
+    """Read ``columns`` for the rows of the given subjects/split, touching only row groups that hold them.
+
+    The filter columns are dictionary-encoded strings, cheap to read in full; the float
+    columns are read only for the row groups that contain a matching row.
+    """
+    parquet = pq.ParquetFile(path)
+    if subjects is None and split is None:
+        return parquet.read(columns=columns)
+    keys = parquet.read(columns=[c for c, v in (("subject", subjects), ("split", split)) if v is not None])
+    mask = np.ones(keys.num_rows, dtype=bool)
+    if subjects is not None:
+        mask &= np.isin(keys.column("subject").to_numpy(zero_copy_only=False).astype(str), list(subjects))
+    if split is not None:
+        mask &= keys.column("split").to_numpy(zero_copy_only=False).astype(str) == split
+    sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    groups = [i for i in range(len(sizes)) if mask[starts[i]:starts[i + 1]].any()]
+    if not groups:
+        return parquet.schema_arrow.empty_table().select(columns)
+    table = parquet.read_row_groups(groups, columns=columns)
+    kept = np.concatenate([mask[starts[i]:starts[i + 1]] for i in groups])
+    return table.filter(pa.array(kept))
 
 
 def load_cameras(data_dir: str | Path) -> dict[tuple[str, str], dict[str, Any]]:
