@@ -224,6 +224,8 @@ def load_sequences(
     if column_2d != "keypoints_2d":
         wanted.append(column_2d)
     table = _read_rows(frames_path, wanted, subjects=subjects, split=split)
+    if table.num_rows == 0:
+        return []
     cameras = load_cameras(data_dir)
 
     def codes(name: str) -> tuple[np.ndarray, np.ndarray]:
