@@ -1,0 +1,253 @@
+"""Benchmark: FinePOSE training step and flip sampling call, CPU (2 threads) and CUDA.
+
+Cases (the released model: width 512, depth 8, 8 heads, the real CLIP ViT-B/32 text
+architecture with seeded random weights, recorded as clip_weights "random"):
+
+  (a) 27 frames, batch 2 (two different actions): training step = prompt branch, forward,
+      MPJPE loss (released gradient scaling), backward, AdamW step; sampling call = one
+      DDIM call with H=5 hypotheses, M=2 steps, test-time flip, prompts encoded once.
+  (b) 243 frames, batch 1, H=20, M=10, flip: CUDA only (skipped with the reason on CPU).
+
+On CUDA: bf16 autocast, peak allocated memory, and model FLOPs utilisation (FLOPs counted
+with torch.utils.flop_counter over one call, divided by time and the GPU's dense bf16
+peak). On CPU: torch.set_num_threads(--threads), peak RSS of the phase (VmHWM after a
+reset). The reference is the released implementation on this 2-core machine for (a):
+1.85-2.34 s per training step, 9.8-10.5 s per flip sampling call.
+
+    .venv/bin/python benchmarks/model.py [--device cpu|cuda|all] [--repeats 5] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OFFICIAL_CPU_A = {"train_step_s": [1.85, 2.34], "flip_sampling_call_s": [9.8, 10.5]}
+# Dense bf16 tensor-core peaks (FLOP/s) for MFU; matched against torch.cuda.get_device_name().
+GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
+CASES = {
+    "a": {"frames": 27, "batch": 2, "hypotheses": 5, "steps": 2, "devices": ("cpu", "cuda")},
+    "b": {"frames": 243, "batch": 1, "hypotheses": 20, "steps": 10, "devices": ("cuda",)},
+}
+ACTIONS = ("Walking", "Eating")
+
+
+def _rss_reset() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) on Linux
+    except OSError:
+        pass
+
+
+def _rss_peak_mib() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device, repeats: int, warmup: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return {"median_s": round(statistics.median(times), 4), "min_s": round(min(times), 4),
+            "max_s": round(max(times), 4), "repeats": repeats}
+
+
+def _flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def _peak_flops(device) -> float | None:
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in GPU_BF16_PEAK.items() if key in name), None)
+
+
+def kernel_context(device_type: str, matmul: str, sdpa: str, bf16: bool):
+    """A fresh context applying the kernel choices (CPU GEMM library, SDPA backend, bf16 autocast)."""
+    import contextlib
+
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    stack = contextlib.ExitStack()
+    if device_type == "cpu":
+        # "onednn": route float32 GEMMs to oneDNN (AVX-512 kernels on this AMD CPU, where MKL uses AVX2).
+        # The switch is torch's "bf16 allowed" fpmath hint: on a CPU without AMX, oneDNN still computes
+        # in float32, which the benchmark checks (the output deviation vs the default path is recorded).
+        previous = torch.backends.mkldnn.matmul.fp32_precision
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16" if matmul == "onednn" else "none"
+        stack.callback(setattr, torch.backends.mkldnn.matmul, "fp32_precision", previous)
+        if sdpa == "math":
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+    stack.enter_context(torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16))
+    return stack
+
+
+def run_case(name: str, device_name: str, repeats: int, warmup: int, compat: bool, matmul: str = "mkl",
+             sdpa: str = "flash", cpu_bf16: bool = False, fused_adamw: bool = True) -> dict:
+    import torch
+
+    from finepose.diffusion import GaussianDiffusion
+    from finepose.model import ModelConfig, build_model, sample
+    from finepose.skeleton import get_joint_set
+
+    case = CASES[name]
+    device = torch.device(device_name)
+    cuda = device.type == "cuda"
+    frames, batch, hyp, steps = case["frames"], case["batch"], case["hypotheses"], case["steps"]
+    cfg = ModelConfig(frames=frames, clip_pretrained="none", compat_official=compat)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the random-CLIP warning: recorded below
+        torch.manual_seed(0)
+        model = build_model(cfg).to(device)
+    diffusion = GaussianDiffusion(timesteps=1000).to(device)
+    flip = get_joint_set("h36m17").flip_permutation
+    g = torch.Generator().manual_seed(0)
+    x2d = torch.rand(batch, frames, 17, 2, generator=g).mul(2).sub(1).to(device)
+    y0 = (torch.randn(batch, frames, 17, 3, generator=g) * 0.3).to(device)
+    y0[:, :, 0] = 0
+    actions = [ACTIONS[i % len(ACTIONS)] for i in range(batch)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=6e-5, betas=(0.9, 0.999), weight_decay=0.1, fused=fused_adamw or None)
+    bf16 = cuda or cpu_bf16
+
+    def kernels():
+        return kernel_context(device.type, matmul, sdpa, bf16)
+
+    # accuracy of the chosen kernels: one denoiser call vs the default float32 path
+    probe_y = torch.randn(batch * 2, frames, 17, 3, generator=g).to(device)
+    probe_t = torch.tensor([999, 500] * batch).to(device)
+    with torch.no_grad():
+        enc = model.eval().encode_prompts(actions)
+        reference = model(probe_y, x2d, probe_t, enc).float()
+        with kernels():
+            probe = model(probe_y, x2d, probe_t, enc).float()
+    deviation = float((probe - reference).abs().max() / reference.abs().max())
+
+    def train_step():
+        model.train()
+        with kernels():
+            prompts = model.encode_prompts(actions)
+            loss = diffusion.training_loss(lambda y_t, t: model(y_t, x2d, t, prompts).float(), y0,
+                                           loss="mpjpe", official_grad_scaling=True)
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def sampling_call():
+        model.eval()
+        with kernels():
+            return sample(model, diffusion, x2d, actions, hypotheses=hyp, steps=steps, flip_permutation=flip,
+                          generator=torch.Generator(device=device).manual_seed(1))
+
+    result = {"case": name, "device": device_name, "frames": frames, "batch": batch, "hypotheses": hyp,
+              "steps": steps, "flip": True, "compat_official": compat, "clip_weights": model.clip_weights,
+              "precision": "bf16 autocast" if bf16 else "float32",
+              "cpu_kernels": None if cuda else {"matmul": matmul, "sdpa": sdpa},
+              "adamw": "fused" if fused_adamw else "default",
+              "max_rel_deviation_vs_default_fp32": deviation,
+              "trainable_params_M": round(sum(p.numel() for p in params) / 1e6, 2)}
+    for label, fn in (("train_step", train_step), ("flip_sampling_call", sampling_call)):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            _rss_reset()
+        timing = _time(fn, device, repeats, warmup)
+        if cuda:
+            timing["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        else:
+            timing["peak_rss_mib"] = _rss_peak_mib()
+        flops = _flops(fn)
+        timing["model_gflop"] = round(flops / 1e9, 1)
+        timing["achieved_tflops"] = round(flops / timing["median_s"] / 1e12, 3)
+        if cuda:
+            peak = _peak_flops(device)
+            timing["mfu"] = round(flops / timing["median_s"] / peak, 4) if peak else None
+            timing["gpu_bf16_peak_tflops"] = peak / 1e12 if peak else None
+        result[label] = timing
+    if name == "a" and not cuda:
+        result["official_reference_s"] = OFFICIAL_CPU_A
+        result["speedup_vs_official"] = {
+            "train_step": [round(v / result["train_step"]["median_s"], 2) for v in OFFICIAL_CPU_A["train_step_s"]],
+            "flip_sampling_call": [round(v / result["flip_sampling_call"]["median_s"], 2)
+                                   for v in OFFICIAL_CPU_A["flip_sampling_call_s"]]}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
+    parser.add_argument("--cases", default="a,b", help="comma-separated cases (a, b)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    parser.add_argument("--compat", action="store_true", help="benchmark compat_official (released behaviour)")
+    parser.add_argument("--cpu-matmul", choices=("mkl", "onednn"), default="mkl",
+                        help="CPU GEMM library for float32 (default mkl, torch's default)")
+    parser.add_argument("--cpu-sdpa", choices=("flash", "math"), default="flash", help="CPU SDPA backend")
+    parser.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on CPU too (not identical math)")
+    parser.add_argument("--default-adamw", action="store_true", help="torch's default AdamW instead of fused")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    out = {"benchmark": "model", "torch": torch.__version__, "machine": platform.machine(),
+           "cpu": platform.processor() or platform.machine(), "cpu_threads": args.threads,
+           "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "results": []}
+    for name in [c.strip() for c in args.cases.split(",") if c.strip()]:
+        for dev in devices:
+            if dev not in CASES[name]["devices"]:
+                out["results"].append({"case": name, "device": dev, "skipped": f"case {name} runs on CUDA only "
+                                       "(243 frames x 20 hypotheses x 10 steps is too slow for a 2-core CPU)"})
+                continue
+            if dev == "cuda" and not torch.cuda.is_available():
+                out["results"].append({"case": name, "device": dev, "skipped": "no CUDA device on this machine"})
+                continue
+            out["results"].append(run_case(name, dev, args.repeats, args.warmup, args.compat, args.cpu_matmul,
+                                           args.cpu_sdpa, args.cpu_bf16, not args.default_adamw))
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.out:
+        from finepose.io import atomic_write_text
+
+        atomic_write_text(args.out, text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
