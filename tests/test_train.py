@@ -253,11 +253,13 @@ def test_cli_train_verb(data_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.shared_data
 def test_real_h36m_validation_mpjpe_falls(h36m_raw, tmp_path):
-    """A few hundred steps of a tiny model on real Human3.6M (GT 2D): validation MPJPE falls well."""
+    """600 steps of a tiny model on real Human3.6M (GT 2D, 7 recordings of S1/S5/S6, about 1.5 min on
+    2 cores): validation MPJPE falls far below its untrained start and below the trivial predictor
+    that always outputs the mean training pose."""
     from finepose.data.h36m import prepare
 
     raw = tmp_path / "raw"                    # a subset of the release, linked (never copied)
-    (raw).mkdir()
+    raw.mkdir()
     os.symlink(h36m_raw / "cameras.h5", raw / "cameras.h5")
     for subject, names in {"S1": ("Walking 1", "Eating", "Directions"), "S5": ("Walking", "Eating 1"),
                            "S6": ("Walking", "Directions")}.items():
@@ -269,24 +271,30 @@ def test_real_h36m_validation_mpjpe_falls(h36m_raw, tmp_path):
     cfg = resolved(run_config(
         tmp_path / "h36m",
         data={"dir": str(tmp_path / "h36m"), "val_subjects": ["S6"], "train_subjects": ["S1", "S5", "S6"]},
-        model={**run_config(tmp_path)["model"], "width": 48},
-        train={"epochs": 6, "batch_size": 8, "lr": 2e-3, "lr_decay": 0.95, "max_steps_per_epoch": 60,
-               "checkpoint_every_steps": 0, "log_every_steps": 20, "val_max_windows": 48, "val_batch_size": 16},
+        model={**run_config(tmp_path)["model"], "width": 64, "heads": 4},
+        train={"epochs": 6, "batch_size": 8, "lr": 2e-3, "lr_decay": 0.95, "max_steps_per_epoch": 100,
+               "checkpoint_every_steps": 0, "log_every_steps": 50, "val_max_windows": 48, "val_batch_size": 16},
     ))
     result = train(cfg, tmp_path / "run", device="cpu")
     assert result["status"] == "done"
     epochs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     val = [r["val_mpjpe"] for r in epochs if r["kind"] == "epoch"]
-    start = _untrained_val_mpjpe(cfg, tmp_path)
-    print("validation MPJPE (mm): untrained", round(start, 1), "per epoch", [round(v, 1) for v in val])
-    assert min(val) < 0.6 * start and val[-1] < 0.7 * start
+    start, mean_pose = _baselines(cfg)
+    print(f"validation MPJPE (mm): untrained {start:.1f}, mean training pose {mean_pose:.1f}, "
+          f"per epoch {[round(v, 1) for v in val]}")
+    assert min(val) < 0.6 * start
+    assert val[-1] < 0.9 * mean_pose
 
 
-def _untrained_val_mpjpe(cfg: dict, tmp_path: Path) -> float:
+def _baselines(cfg: dict) -> tuple[float, float]:
+    """Validation MPJPE (mm) of the untrained model (same validation windows) and of the mean training pose."""
     from finepose.train import Dist, build, load_train_data, resolve_model_config, seed_everything, validation_mpjpe
 
     data = load_train_data(cfg)
     seed_everything(cfg["seed"], 0)
     model, diffusion = build(cfg, resolve_model_config(cfg, 17, data.actions), torch.device("cpu"))
     dist = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), created_group=False)
-    return validation_mpjpe(model, diffusion, data.val, cfg, cfg["model"]["frames"], dist, 0)
+    untrained = validation_mpjpe(model, diffusion, data.val, cfg, cfg["model"]["frames"], dist, 0)
+    mean_pose = data.train.y3d[data.train.valid].mean(axis=0)
+    mean_error = np.linalg.norm(data.val.y3d[data.val.valid] - mean_pose, axis=-1).mean() * 1000
+    return untrained, float(mean_error)
