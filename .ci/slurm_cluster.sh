@@ -184,7 +184,7 @@ JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=task=1
 JobAcctGatherParams=OverMemoryKill
 # Short timeouts so failures, cancellations and requeues show within seconds.
-KillWait=10
+KillWait=5
 MinJobAge=600
 MaxJobCount=10000
 SlurmdTimeout=60

@@ -1,0 +1,354 @@
+"""The launcher on a real SLURM cluster (marker `slurm`).
+
+Uses the single-node cluster of `.ci/slurm_cluster.sh` when it is up (FINEPOSE_SLURM_STATE or
+the default state folder), any cluster `sinfo` reaches otherwise, and starts the script's
+cluster itself when running as root (stopping it at the end). Without any of these the tests
+skip with a reason starting 'slurm:', which fails CI (tests/conftest.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import launch_tasks
+from finepose import launch as L
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+SCRIPT = REPO / ".ci" / "slurm_cluster.sh"
+DEFAULT_STATE = Path("/tmp/finepose-slurm")
+# Every job of these tests must end (and the launcher notice) within this many seconds.
+FAIL_WITHIN_S = 60
+BASE = {"timeout_min": 10, "poll_s": 0.5, "mem_gb": 1}
+
+
+@dataclasses.dataclass
+class Cluster:
+    state: Path | None  # the script's state folder when it is our test cluster
+    started_here: bool
+
+    @property
+    def own(self) -> bool:
+        return self.state is not None
+
+
+def _script(command: str, state: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ, FINEPOSE_SLURM_STATE=str(state))
+    return subprocess.run(["bash", str(SCRIPT), command], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _sinfo_answers() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return False
+    return proc.returncode == 0 and bool(proc.stdout.strip())
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    mp = pytest.MonkeyPatch()
+    state_env = os.environ.get("FINEPOSE_SLURM_STATE")
+    state = Path(state_env) if state_env else DEFAULT_STATE
+    cluster: Cluster | None = None
+    if (state / "slurm.conf").is_file() and _script("status", state, 60).returncode == 0:
+        mp.setenv("SLURM_CONF", str(state / "slurm.conf"))
+        cluster = Cluster(state, False)
+    elif not state_env and _sinfo_answers():
+        cluster = Cluster(None, False)  # somebody else's cluster: no node-state tests
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("slurm: no cluster is up and starting one needs root "
+                        "(run `sudo .ci/slurm_cluster.sh start`, then `eval \"$(.ci/slurm_cluster.sh env)\"`)")
+        if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
+            pytest.skip("slurm: slurmctld is not installed and there is no apt-get to install it")
+        proc = _script("start", state)
+        if proc.returncode != 0:
+            pytest.skip(f"slurm: .ci/slurm_cluster.sh start failed:\n{proc.stderr[-3000:]}")
+        mp.setenv("SLURM_CONF", str(state / "slurm.conf"))
+        cluster = Cluster(state, True)
+    try:
+        yield cluster
+    finally:
+        if cluster.started_here:
+            _script("stop", state, 120)
+        mp.undo()
+
+
+@pytest.fixture
+def own_cluster(slurm_cluster: Cluster) -> Cluster:
+    if not slurm_cluster.own:
+        pytest.skip("needs the test cluster of .ci/slurm_cluster.sh (changes its node's state)")
+    return slurm_cluster
+
+
+# ------------------------------------------------------------------------------ helpers
+def _env(extra_path: Path | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    if extra_path is not None:
+        env["PATH"] = f"{extra_path}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def start_launcher(tmp: Path, name: str, command: list[str], resources: dict | None = None,
+                   extra_path: Path | None = None) -> subprocess.Popen:
+    res = dict(BASE, **(resources or {}))
+    cmd = [sys.executable, "-m", "finepose", "launch", "--executor", "slurm", "--resources", json.dumps(res),
+           "--log-dir", str(tmp / "logs"), "--name", name, "--", *command]
+    return subprocess.Popen(cmd, cwd=REPO, env=_env(extra_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, float]:
+    t0 = time.monotonic()
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"launcher still running after {timeout} s\nstdout:\n{out}\nstderr:\n{err}")
+    return proc.returncode, out + err, time.monotonic() - t0
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"launcher exited ({proc.returncode}) while waiting for {what}\n{out}\n{err}")
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def job_id_of(tmp: Path, name: str, proc: subprocess.Popen) -> str:
+    record = tmp / "logs" / f"{name}.job.json"
+
+    def read():
+        try:
+            return json.loads(record.read_text()).get("job_id")
+        except (OSError, ValueError):
+            return None
+
+    return str(wait_for(read, 60, f"{record}", proc))
+
+
+def checkpoint_step(out: Path) -> int:
+    try:
+        return json.loads((out / "checkpoint.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def final_state(job_id: str) -> L.JobState:
+    return wait_for(lambda: (s := L.query_slurm_state(job_id)) is not None and s.final and s, 30,
+                    f"a final state of job {job_id}")
+
+
+# -------------------------------------------------------------------------------- tests
+def test_job_completes(slurm_cluster, tmp_path):
+    out = tmp_path / "out"
+    proc = start_launcher(tmp_path, "count", ["launch_tasks:count", str(out), "--steps", "4", "--step-s", "0.05"])
+    code, text, _ = finish(proc, 120)
+    assert code == 0, text
+    result = json.loads((out / "result.json").read_text())
+    assert int(result["value"]) == launch_tasks.expected_value(4)
+    record = json.loads((tmp_path / "logs" / "count.job.json").read_text())
+    assert record["state"] == "COMPLETED" and record["exit"] == 0
+    assert L.query_slurm_state(record["job_id"]).state == "COMPLETED"
+    assert "count: done" in text  # the job's stdout is followed by the launcher
+    assert "RUNNING" in text  # state changes are streamed
+
+
+def test_ddp_environment_two_tasks(slurm_cluster, tmp_path):
+    out = tmp_path / "env"
+    proc = start_launcher(tmp_path, "env", ["launch_tasks:env", str(out)], {"tasks_per_node": 2, "mem_gb": 0.5})
+    code, text, _ = finish(proc, 120)
+    assert code == 0, text
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["RANK"] for r in ranks] == ["0", "1"] and [r["LOCAL_RANK"] for r in ranks] == ["0", "1"]
+    assert {r["WORLD_SIZE"] for r in ranks} == {"2"} and {r["LOCAL_WORLD_SIZE"] for r in ranks} == {"2"}
+    assert {r["MASTER_ADDR"] for r in ranks} == {"127.0.0.1"}
+    assert len({r["MASTER_PORT"] for r in ranks}) == 1
+
+
+@pytest.mark.parametrize("how", ["preemption_signal", "scontrol_requeue"])
+def test_requeued_job_resumes_to_the_same_result(slurm_cluster, tmp_path, how):
+    steps = 24
+    # the uninterrupted run, in this process
+    assert L.launch("launch_tasks:count", [str(tmp_path / "ref"), "--steps", str(steps), "--step-s", "0"],
+                    executor="inline") == 0
+    reference = json.loads((tmp_path / "ref" / "result.json").read_text())
+
+    out = tmp_path / "out"
+    proc = start_launcher(tmp_path, "rq", ["launch_tasks:count", str(out), "--steps", str(steps), "--step-s", "0.25"])
+    job_id = job_id_of(tmp_path, "rq", proc)
+    wait_for(lambda: checkpoint_step(out) >= 4, 60, "step 4 of the job", proc)
+    if how == "preemption_signal":  # what SLURM sends signal_delay_s before the limit / on preemption
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    else:
+        subprocess.run(["scontrol", "requeue", job_id], check=True)
+    code, text, _ = finish(proc, 180)
+    assert code == 0, text
+    attempts = [json.loads(line) for line in (out / "attempts.jsonl").read_text().splitlines()]
+    assert len(attempts) == 2, attempts
+    assert attempts[0]["start_step"] == 0 and 4 <= attempts[1]["start_step"] < steps
+    assert attempts[1]["restart"] == "1"
+    assert json.loads((out / "result.json").read_text()) == reference
+    assert "requeued" in text
+    assert ("SIGUSR2" if how == "preemption_signal" else "SIGTERM") in text  # the task saw the request
+
+
+@pytest.mark.parametrize("task, resources, expect", [
+    (["launch_tasks:fail", "now"], {}, "RuntimeError: deliberate failure in the test task (now)"),
+    (["launch_tasks:exit_code", "3"], {}, "exited with code 3"),
+    (["launch_tasks:hog", "700"], {"mem_gb": 0.25}, "out of memory"),
+], ids=["exception", "exit_code", "out_of_memory"])
+def test_failing_job_exits_nonzero_with_reason(slurm_cluster, tmp_path, task, resources, expect):
+    if "out of memory" in expect and not slurm_cluster.own:
+        pytest.skip("memory enforcement is configured on the test cluster only")
+    t0 = time.monotonic()
+    code, text, _ = finish(start_launcher(tmp_path, "bad", task, resources), FAIL_WITHIN_S + 30)
+    elapsed = time.monotonic() - t0
+    assert code == 1, text
+    assert elapsed < FAIL_WITHIN_S, f"took {elapsed:.0f} s"
+    assert expect in text
+    assert "----- last" in text and "_log.err" in text  # the log tail
+    record = json.loads((tmp_path / "logs" / "bad.job.json").read_text())
+    assert record["exit"] == 1 and expect in record["reason"]
+
+
+def test_cancelled_job_exits_nonzero(slurm_cluster, tmp_path):
+    marker = tmp_path / "marker.json"
+    proc = start_launcher(tmp_path, "cancel", ["launch_tasks:sleep", str(marker), "120"])
+    job_id = job_id_of(tmp_path, "cancel", proc)
+    wait_for(marker.exists, 60, "the job to start", proc)
+    t0 = time.monotonic()
+    subprocess.run(["scancel", job_id], check=True)
+    code, text, elapsed = finish(proc, FAIL_WITHIN_S + 30)
+    assert code == 1, text
+    assert time.monotonic() - t0 < FAIL_WITHIN_S
+    assert "CANCELLED" in text and "cancelled" in text
+    assert final_state(job_id).state == "CANCELLED"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_launcher_cancels_job(slurm_cluster, tmp_path, sig):
+    marker = tmp_path / "marker.json"
+    proc = start_launcher(tmp_path, "sig", ["launch_tasks:sleep", str(marker), "120"])
+    job_id = job_id_of(tmp_path, "sig", proc)
+    wait_for(marker.exists, 60, "the job to start", proc)
+    proc.send_signal(sig)
+    code, text, elapsed = finish(proc, FAIL_WITHIN_S)
+    assert code == 128 + sig, text
+    assert f"received {sig.name}: cancelling job {job_id}" in text
+    assert final_state(job_id).state == "CANCELLED"
+
+
+def test_node_failure_exits_nonzero(own_cluster, tmp_path):
+    marker = tmp_path / "marker.json"
+    proc = start_launcher(tmp_path, "node", ["launch_tasks:sleep", str(marker), "120"])
+    job_id = job_id_of(tmp_path, "node", proc)
+    wait_for(marker.exists, 60, "the job to start", proc)
+    node = L.query_slurm_state(job_id).nodes
+    try:
+        subprocess.run(["scontrol", "update", f"nodename={node}", "state=down", "reason=finepose-test"], check=True)
+        code, text, _ = finish(proc, FAIL_WITHIN_S)
+    finally:  # give the node back (ReturnToService=2 usually has already)
+        subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], capture_output=True)
+        wait_for(lambda: subprocess.run(["sinfo", "-h", "-n", node, "-o", "%T"], capture_output=True,
+                                        text=True).stdout.strip() == "idle", 60, "the node to be idle again")
+    assert code == 1, text
+    assert "NODE_FAIL" in text and "failed" in text
+    # SLURM requeued the job when its node failed; the launcher's cancel must not leave it queued
+    time.sleep(5)
+    assert final_state(job_id).state in ("CANCELLED", "NODE_FAIL")
+    queued = subprocess.run(["squeue", "-h", "-j", job_id, "-t", "pending,running,completing", "-o", "%T"],
+                            capture_output=True, text=True).stdout.strip()
+    assert queued == "", f"job {job_id} is still {queued}"
+
+
+def _path_with_only(folder: Path, commands: list[str]) -> Path:
+    """A folder holding links to just `commands` (so sacct is absent when PATH is only this)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for command in commands:
+        (folder / command).symlink_to(shutil.which(command))
+    return folder
+
+
+def _failing_sacct(tmp: Path) -> Path:
+    """A folder with an `sacct` that fails like one on a cluster without accounting."""
+    folder = tmp / "no-accounting"
+    folder.mkdir(exist_ok=True)
+    fake = folder / "sacct"
+    fake.write_text("#!/bin/sh\necho 'sacct: error: Slurm accounting storage is disabled' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    return folder
+
+
+def test_state_query_falls_back_without_sacct(slurm_cluster, tmp_path, monkeypatch):
+    marker = tmp_path / "marker.json"
+    proc = start_launcher(tmp_path, "fb", ["launch_tasks:sleep", str(marker), "120"])
+    job_id = job_id_of(tmp_path, "fb", proc)
+    wait_for(marker.exists, 60, "the job to start", proc)
+    try:
+        with_all = L.query_slurm_state(job_id)
+        assert with_all.state == "RUNNING"
+        # sacct present but accounting disabled
+        monkeypatch.setenv("PATH", f"{_failing_sacct(tmp_path)}{os.pathsep}{os.environ['PATH']}")
+        assert not L.sacct_available()
+        state = L.query_slurm_state(job_id)
+        assert (state.state, state.source) == ("RUNNING", "scontrol")
+        # no sacct at all; then no scontrol either: squeue answers
+        monkeypatch.setenv("PATH", str(_path_with_only(tmp_path / "bin-scontrol", ["scontrol", "squeue"])))
+        assert shutil.which("sacct") is None
+        state = L.query_slurm_state(job_id)
+        assert (state.state, state.source, state.restarts) == ("RUNNING", "scontrol", 0)
+        monkeypatch.setenv("PATH", str(_path_with_only(tmp_path / "bin-squeue", ["squeue"])))
+        state = L.query_slurm_state(job_id)
+        assert (state.state, state.source, state.nodes) == ("RUNNING", "squeue", with_all.nodes)
+    finally:
+        monkeypatch.undo()
+        proc.send_signal(signal.SIGTERM)
+        finish(proc, FAIL_WITHIN_S)
+    # a finished job: scontrol still knows it (MinJobAge) without accounting
+    monkeypatch.setenv("PATH", str(tmp_path / "bin-scontrol"))
+    assert L.query_slurm_state(job_id).state == "CANCELLED"
+
+
+def test_launcher_without_accounting(slurm_cluster, tmp_path):
+    """With sacct failing as on a cluster without slurmdbd, the launcher still sees jobs end."""
+    no_acct = _failing_sacct(tmp_path)
+    out = tmp_path / "out"
+    code, text, _ = finish(start_launcher(tmp_path, "ok", ["launch_tasks:count", str(out), "--steps", "2",
+                                                           "--step-s", "0"], extra_path=no_acct), 120)
+    assert code == 0, text
+    assert "sacct is unavailable" in text and "[sacct" not in text
+    t0 = time.monotonic()
+    code, text, _ = finish(start_launcher(tmp_path, "bad", ["launch_tasks:fail", "x"], extra_path=no_acct),
+                           FAIL_WITHIN_S + 30)
+    assert code == 1 and "RuntimeError: deliberate failure" in text, text
+    assert time.monotonic() - t0 < FAIL_WITHIN_S
+
+
+def test_sbatch_rejection_is_a_clear_error(slurm_cluster, tmp_path):
+    code, text, _ = finish(start_launcher(tmp_path, "huge", ["launch_tasks:exit_code", "0"],
+                                          {"mem_gb": 100000}), 60)
+    assert code == 2, text
+    assert "sbatch refused the job" in text and "mem_gb" in text
