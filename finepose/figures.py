@@ -2,8 +2,9 @@
 
 - ``action_mpjpe.png``: Human3.6M MPJPE per action, ours (compare mode and GT-free mode) against the paper.
 - ``steps_<dataset>.png``: MPJPE after each DDIM step, one line per aggregation mode (oracle modes dashed).
-- ``skeleton_<dataset>.png``: one predicted 3D pose beside the ground truth, from the frames an
-  evaluation saved (``poses.npz`` beside its summary.json; see :func:`find_pose_example`).
+- ``skeleton_<dataset>.png``: one predicted 3D pose over the ground truth, from the poses an
+  evaluation saved beside its summary.json (``poses.npz``, or the multi-human
+  ``multihuman.npz``; see :func:`find_pose_example`).
 
 Every figure says in its title whether it shows the demo (synthetic data, tiny model).
 """
@@ -23,6 +24,7 @@ MODE_ORDER = ("mean", "p_agg", "j_agg", "p_best", "j_best")
 MODE_LABELS = {"j_best": "J-Best (oracle)", "p_best": "P-Best (oracle)", "j_agg": "J-Agg (GT-free)",
                "p_agg": "P-Agg (GT-free)", "mean": "mean of hypotheses"}
 POSES_FILE = "poses.npz"
+MULTIHUMAN_FILE = "multihuman.npz"
 
 
 def _pyplot():
@@ -144,15 +146,30 @@ def skeleton_figure(pred: np.ndarray, gt: np.ndarray, parents: Sequence[int], ri
     return _save(fig, path)
 
 
-def find_pose_example(summary_path: Path) -> dict[str, Any] | None:
-    """The first saved frame of an evaluation: ``poses.npz`` beside summary.json, or None.
+def find_pose_example(summary_path: Path, mode: str = "j_best") -> dict[str, Any] | None:
+    """One predicted frame and its ground truth saved by an evaluation, or None.
 
-    Expected arrays: ``pred`` (N, J, 3) and ``gt`` (N, J, 3) in metres, root-relative; optional
-    ``mode`` (str) and ``joint_set`` (str) and ``label`` (str, e.g. sequence and frame).
+    Looks beside summary.json for ``poses.npz`` (arrays ``pred`` and ``gt``, (N, J, 3) metres,
+    optional ``mode``, ``joint_set``, ``label``) or the multi-human ``multihuman.npz`` that
+    evaluate writes (per video ``<video>|gt``, ``<video>|<mode>`` (C, N, J, 3) and
+    ``<video>|scored`` (C, N)). Returns the frame with the median error (typical, neither the
+    best nor the worst).
     """
-    path = summary_path.parent / POSES_FILE
-    if not path.is_file():
-        return None
+    folder = summary_path.parent
+    if (folder / POSES_FILE).is_file():
+        return _from_poses(folder / POSES_FILE)
+    if (folder / MULTIHUMAN_FILE).is_file():
+        return _from_multihuman(folder / MULTIHUMAN_FILE, mode)
+    return None
+
+
+def _median_frame(pred: np.ndarray, gt: np.ndarray) -> tuple[int, float]:
+    errors = np.linalg.norm(pred - gt, axis=-1).mean(axis=-1)       # (N,) metres
+    index = int(np.argsort(errors)[len(errors) // 2])
+    return index, float(errors[index] * 1000)
+
+
+def _from_poses(path: Path) -> dict[str, Any] | None:
     with np.load(path, allow_pickle=False) as data:
         if "pred" not in data or "gt" not in data:
             log.warning("%s: has no 'pred'/'gt' arrays; no skeleton figure", path)
@@ -164,10 +181,29 @@ def find_pose_example(summary_path: Path) -> dict[str, Any] | None:
     if pred.shape != gt.shape or pred.ndim != 3 or pred.shape[-1] != 3 or len(pred) == 0:
         log.warning("%s: pred %s and gt %s are not matching (N, J, 3) arrays", path, pred.shape, gt.shape)
         return None
-    # the frame with the median error: typical, neither the best nor the worst
-    errors = np.linalg.norm(pred - gt, axis=-1).mean(axis=-1)
-    index = int(np.argsort(errors)[len(errors) // 2])
-    return {"pred": pred[index], "gt": gt[index], "error_mm": float(errors[index] * 1000), **extra}
+    index, error = _median_frame(pred, gt)
+    return {"pred": pred[index], "gt": gt[index], "error_mm": error, **extra}
+
+
+def _from_multihuman(path: Path, mode: str) -> dict[str, Any] | None:
+    with np.load(path, allow_pickle=False) as data:
+        videos = sorted({key.split("|")[0] for key in data.files if key.endswith("|gt")})
+        for video in videos:
+            if f"{video}|{mode}" not in data.files:
+                continue
+            gt, pred = np.asarray(data[f"{video}|gt"], float), np.asarray(data[f"{video}|{mode}"], float)
+            scored = np.asarray(data[f"{video}|scored"], bool) if f"{video}|scored" in data.files \
+                else np.ones(gt.shape[:2], bool)
+            if not scored.any():
+                continue
+            character = int(np.argmax(scored.sum(axis=1)))          # the character seen longest
+            frames = np.flatnonzero(scored[character])
+            index, error = _median_frame(pred[character, frames], gt[character, frames])
+            return {"pred": pred[character, frames[index]], "gt": gt[character, frames[index]],
+                    "error_mm": error, "mode": mode,
+                    "label": f"{video}, character {character}, frame {int(frames[index])}"}
+    log.warning("%s: no scored frame in mode %s; no skeleton figure", path, mode)
+    return None
 
 
 # --------------------------------------------------------------------------- all figures
@@ -214,11 +250,14 @@ def make_figures(spec: Mapping[str, Any], runs: Sequence[Any], tables: Sequence[
         if path is not None:
             written.append(path)
         summary_path = run.path if run.path.is_absolute() else base / run.path
-        example = find_pose_example(summary_path)
+        example = find_pose_example(summary_path, compare)
         if example is None:
-            log.info("%s: no %s beside %s; no skeleton figure for this dataset", dataset, POSES_FILE, summary_path)
+            log.info("%s: no %s or %s beside %s; no skeleton figure for this dataset", dataset, POSES_FILE,
+                     MULTIHUMAN_FILE, summary_path)
             continue
-        parents, right = _skeleton_of(example.get("joint_set"), example["gt"].shape[0])
+        joint_set = example.get("joint_set") or run.provenance.get("joint_set")
+        parents, right, root = _skeleton_of(joint_set, example["gt"].shape[0])
+        example["pred"], example["gt"] = _centred(example["pred"], root), _centred(example["gt"], root)
         what = (f"{dataset}, 2D {run.source_2d}, {example.get('mode', compare)}: prediction vs ground truth "
                 f"({example['error_mm']:.1f} mm{', ' + example['label'] if 'label' in example else ''})")
         written.append(skeleton_figure(example["pred"], example["gt"], parents, right, _title(spec, what),
@@ -226,12 +265,21 @@ def make_figures(spec: Mapping[str, Any], runs: Sequence[Any], tables: Sequence[
     return written
 
 
-def _skeleton_of(joint_set: str | None, num_joints: int) -> tuple[list[int], list[int]]:
-    """Parents and right-side joints from finepose.skeleton (H36M-17 when the set is not named)."""
+def _skeleton_of(joint_set: str | None, num_joints: int) -> tuple[list[int], list[int], list[int]]:
+    """Parents, right-side joints and root joints (all hips when the set has no root joint)."""
     from finepose.skeleton import get_joint_set
 
     name = joint_set or "h36m17"
     joints = get_joint_set(name)
     if joints.num_joints != num_joints:
         raise ValueError(f"joint set {name} has {joints.num_joints} joints, the saved poses have {num_joints}")
-    return list(joints.parents), list(joints.right)
+    if joints.root is not None:
+        root = [int(joints.root)]
+    else:   # e.g. COCO-17: the root is the hip midpoint
+        root = [i for i, n in enumerate(joints.joint_names) if "hip" in n] or list(range(num_joints))
+    return list(joints.parents), list(joints.right), root
+
+
+def _centred(pose: np.ndarray, root: Sequence[int]) -> np.ndarray:
+    """(J, 3) pose moved so that its root (the mean of the root joints) is at the origin."""
+    return pose - pose[list(root)].mean(axis=0)

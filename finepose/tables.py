@@ -8,6 +8,7 @@ each table is about::
     {"title": "DEMO ...", "demo": true,
      "compare_mode": "j_best", "gt_free_mode": "j_agg",
      "build": ["table1", "table2", ...],
+     "detected_labels": {"h36m": "SH (Stacked Hourglass)"},
      "variants": {"finepose": {"label": "FinePOSE", "tables": [4, 5],
                                "prompt": "fine", "add_pooled": true, "fpc": true, "pts": true}, ...},
      "tables": {"table1": {"dataset": "h36m", "detected": "sh", "gt": "gt"},
@@ -332,6 +333,11 @@ class Builder:
         name = MODE_LABELS.get(mode, mode)
         return f"{name}{DAGGER}" if oracle_flag(runs, mode) else name
 
+    def source_label(self, dataset: str, source: str) -> str:
+        """How the tables name a 2D source: the dataset's detected_label for detectors, else the name."""
+        label = self.spec.get("detected_labels", {}).get(dataset)
+        return label if label and source != "gt" else source
+
     def table_spec(self, name: str) -> dict[str, Any]:
         tables = self.spec.get("tables", {})
         if name not in tables:
@@ -395,7 +401,7 @@ class Builder:
         for source, key, paper_label in ((detected, "detected", paper["detected"].get("detector", "detected")),
                                          (gt, "gt", "GT")):
             runs = self.select(dataset, source, "finepose")
-            row: list[Any] = [self.label("finepose"), f"{source} (paper: {paper_label})"]
+            row: list[Any] = [self.label("finepose"), f"{self.source_label(dataset, source)} (paper: {paper_label})"]
             for metric in metrics:
                 row += self.metric_block(runs, paper[key], metric, "actions")
             rows.append(row)
@@ -444,7 +450,8 @@ class Builder:
         return self._group_table(
             "table2", 2, "Human3.6M MPJPE per action, detected 2D input", t["dataset"], t["source_2d"], "action",
             H36M_ACTIONS, ACTION_SHORT, self.paper["table2"]["finepose"],
-            f"Human3.6M ({t['dataset']}), 2D source {t['source_2d']} (paper: CPN); MPJPE in mm; Avg is the mean over "
+            f"Human3.6M ({t['dataset']}), 2D source {self.source_label(t['dataset'], t['source_2d'])} (paper: CPN); "
+            "MPJPE in mm; Avg is the mean over "
             "the action classes. Paper's D3DP Avg for reference: "
             f"{self.paper['table2']['d3dp']['avg']} mm.")
 
@@ -488,7 +495,8 @@ class Builder:
                 row += self.metric_block(runs, paper.get(variant), metric, "actions")
             rows.append(row)
             sources.append(_sources(runs))
-        notes = [f"Human3.6M ({dataset}), 2D source {source} (paper: CPN); mm, mean over action classes. "
+        notes = [f"Human3.6M ({dataset}), 2D source {self.source_label(dataset, source)} (paper: CPN); mm, mean over "
+                 "action classes. "
                  "Rows the paper does not have show '/' in the paper columns.", self.settings_note(all_runs),
                  *self.mode_notes(all_runs)]
         if blocks:

@@ -85,6 +85,7 @@ def base_spec(runs) -> dict:
         "title": "DEMO (synthetic data, tiny model; not a reproduction)", "demo": True,
         "compare_mode": "j_best", "gt_free_mode": "j_agg", "build": list(tables.TABLE_NAMES),
         "variants": variant_info(),
+        "detected_labels": {"h36m": "SH (Stacked Hourglass)"},
         "tables": {"table1": {"dataset": "h36m", "detected": "sh", "gt": "gt"},
                    "table2": {"dataset": "h36m", "source_2d": "sh"},
                    "table3": {"dataset": "mpi_inf_3dhp", "source_2d": "gt"},
@@ -145,6 +146,7 @@ def test_table1_numbers_deltas_and_seed_mean(full):
     md = (root / "tables" / "table1.md").read_text()
     assert "41.5 ± 1.4" in md          # two seeds: mean ± sample std
     assert "+9.6" in md                # signed difference
+    assert "| SH (Stacked Hourglass) (paper: CPN) |" in md and "| gt (paper: GT) |" in md
 
 
 def test_not_run_rows_never_invent_numbers(full):
