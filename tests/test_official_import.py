@@ -45,8 +45,28 @@ def synthetic_release(entries: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def _save_release(state: dict[str, torch.Tensor], path: Path) -> Path:
-    torch.save({"epoch": 80, "lr": 1e-5, "optimizer": None, "model_pos": state}, path)
+    """Saved as the released training loop does: numpy RandomState and optimizer state beside the weights."""
+    import numpy as np
+
+    torch.save({"epoch": 80, "lr": 1e-5, "random_state": np.random.RandomState(1234),
+                "optimizer": {"state": {}, "param_groups": [{"lr": 1e-5, "params": [0, 1]}]},
+                "model_pos": state}, path)
     return path
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.getcwd, ())
+
+
+def test_released_file_is_read_without_unpickling_code(tmp_path):
+    state = {"module.betas": torch.zeros(1000, dtype=torch.float64)}
+    assert load_official_state_dict(_save_release(state, tmp_path / "ok.bin")).keys() == state.keys()
+    torch.save({"model_pos": state, "hook": _Payload()}, tmp_path / "code.bin")
+    with pytest.raises(FinePoseError, match=r"getcwd.*refusing"):
+        load_official_state_dict(tmp_path / "code.bin")
 
 
 # --------------------------------------------------------------------------------------

@@ -69,13 +69,61 @@ _RULES: tuple[tuple[str, str], ...] = (
 _CLIP_UNUSED = re.compile(r"clip_text\.(visual\..+|text_projection|logit_scale)")
 
 
+# Globals a released checkpoint may hold besides tensors (the training loop saves numpy's RandomState
+# of its data generator and may save argparse args): constructors of plain data, safe to allow.
+_SAFE_GLOBALS = re.compile(
+    r"numpy\.(_?core\.multiarray\.(_reconstruct|scalar)|ndarray|dtype|dtypes\.\w+DType"
+    r"|random\._pickle\.__\w+_ctor|random\._(mt19937\.MT19937|pcg64\.PCG64(DXSM)?|philox\.Philox|sfc64\.SFC64)"
+    r"|random\.mtrand\.RandomState)|collections\.OrderedDict|argparse\.Namespace")
+
+
+def _resolve_global(name: str):
+    import importlib
+    import warnings
+
+    module, _, attr = name.rpartition(".")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # numpy.core -> numpy._core in numpy 2
+        return getattr(importlib.import_module(module), attr)
+
+
+def _torch_load_released(path: Path):
+    """torch.load with weights_only=True, allowing only the plain-data globals in _SAFE_GLOBALS."""
+    import pickle
+
+    allowed: dict[str, object] = {}
+    names = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    for _ in range(64):
+        unsafe = [name for name in names if not _SAFE_GLOBALS.fullmatch(name)]
+        if unsafe:
+            raise FinePoseError(f"{path}: the checkpoint pickles objects other than tensors and plain data "
+                                f"({unsafe}); refusing to unpickle them. Re-save only checkpoint['model_pos'] with "
+                                "torch.save in a trusted environment and import that file")
+        allowed.update({name: _resolve_global(name) for name in names})
+        try:
+            with torch.serialization.safe_globals([(obj, name) for name, obj in allowed.items()]):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:  # a global only met while unpickling (e.g. numpy dtype classes)
+            found = re.search(r"but got <class '([\w.]+)'>|Unsupported global: GLOBAL ([\w.]+)", str(exc))
+            if not found or (found.group(1) or found.group(2)) in allowed:
+                raise
+            names = [found.group(1) or found.group(2)]
+    raise FinePoseError(f"{path}: too many pickled globals to allow one by one")
+
+
 def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """``checkpoint['model_pos']`` of a released checkpoint (plain tensors)."""
+    """``checkpoint['model_pos']`` of a released checkpoint (plain tensors).
+
+    Read with ``torch.load(weights_only=True)``; the numpy RandomState and arrays the
+    released training loop stores beside the weights are allowed, nothing else.
+    """
     path = Path(path)
     if not path.is_file():
         raise FinePoseError(f"{path}: released checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = _torch_load_released(path)
+    except FinePoseError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise FinePoseError(f"{path}: cannot read it with torch.load(weights_only=True) ({exc})") from exc
     if not isinstance(ckpt, Mapping) or "model_pos" not in ckpt:
