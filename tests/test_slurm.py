@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -352,3 +353,75 @@ def test_sbatch_rejection_is_a_clear_error(slurm_cluster, tmp_path):
                                           {"mem_gb": 100000}), 60)
     assert code == 2, text
     assert "sbatch refused the job" in text and "mem_gb" in text
+
+
+# ------------------------------------------------------------------- the real train verb
+TRAIN_RESOURCES = {"mem_gb": 3, "cpus_per_task": 1, "timeout_min": 15,
+                   # one thread in every run: the weights of two runs can then be compared bit for bit
+                   "setup": ["export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1"]}
+TRAIN_EPOCHS = 20  # 5 steps per epoch on the tiny data: long enough to interrupt mid-run
+
+
+@pytest.fixture(scope="module")
+def tiny_training(slurm_cluster, tmp_path_factory):
+    """An uninterrupted tiny training run submitted through the launcher (the reference)."""
+    import engine_helpers
+
+    root = tmp_path_factory.mktemp("train")
+    data = engine_helpers.write_dataset(root / "data")
+    config = engine_helpers.write_config(root / "run.json",
+                                         engine_helpers.run_config(data, train={"epochs": TRAIN_EPOCHS}))
+    proc = start_launcher(root, "tiny", ["train", str(config), "--out", str(root / "reference")], TRAIN_RESOURCES)
+    code, text, elapsed = finish(proc, 300)
+    return SimpleNamespace(root=root, config=config, run_dir=root / "reference", code=code, text=text,
+                           elapsed=elapsed)
+
+
+def _steps_logged(run_dir: Path) -> int:
+    try:
+        lines = (run_dir / "log.jsonl").read_text().splitlines()
+    except OSError:
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in lines[:-1] if '"kind": "step"' in line]
+    return max(steps, default=0)
+
+
+def test_training_job_completes_and_its_checkpoint_loads(tiny_training):
+    import torch
+
+    from finepose.model import load_checkpoint
+
+    assert tiny_training.code == 0, tiny_training.text
+    run_dir = tiny_training.run_dir
+    done = json.loads((run_dir / "done.json").read_text())
+    assert done["steps"] == TRAIN_EPOCHS * 5
+    model, ckpt = load_checkpoint(run_dir / "checkpoints" / "best.pt", device="cpu")
+    assert ckpt["variant"] == "finepose" and ckpt["dataset"] == "h36m" and ckpt["joint_set"] == "h36m17"
+    assert not model.training and all(torch.isfinite(p).all() for p in model.parameters())
+    assert "COMPLETED" in tiny_training.text
+
+
+def test_training_requeued_mid_run_ends_with_the_same_weights(tiny_training, tmp_path):
+    import torch
+
+    assert tiny_training.code == 0, tiny_training.text
+    run_dir = tmp_path / "interrupted"
+    proc = start_launcher(tmp_path, "tiny-rq", ["train", str(tiny_training.config), "--out", str(run_dir)],
+                          TRAIN_RESOURCES)
+    job_id = job_id_of(tmp_path, "tiny-rq", proc)
+    wait_for(lambda: _steps_logged(run_dir) >= 12, 120, "step 12 of the training job", proc)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # as SLURM before the time limit
+    code, text, _ = finish(proc, 300)
+    assert code == 0, text
+    assert "requeued" in text and "SIGUSR2" in text
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r.get("status") for r in records if r["kind"] == "end"][:1] == ["preempted"]  # the first attempt
+    steps = [r["step"] for r in records if r["kind"] == "step"]
+    assert steps == sorted(set(steps)) and steps[-1] == TRAIN_EPOCHS * 5  # each step once, as one run
+    reference = torch.load(tiny_training.run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    resumed = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert reference["state_dict"].keys() == resumed["state_dict"].keys()
+    for key, value in reference["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    for key, value in reference["optimizer"]["state"].items():
+        assert torch.equal(value["exp_avg"], resumed["optimizer"]["state"][key]["exp_avg"]), key
