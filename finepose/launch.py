@@ -50,7 +50,6 @@ import contextlib
 import dataclasses
 import importlib
 import importlib.util
-import json
 import logging
 import os
 import re

@@ -203,6 +203,19 @@ def test_local_executor_failure_reports_reason_and_log_tail(tmp_path, capsys):
     assert record["state"] == "FAILED" and "deliberate failure" in record["reason"]
 
 
+def test_local_job_signalled_before_its_time_limit_requeues_and_resumes(tmp_path):
+    """submitit's local controller sends SIGUSR2 signal_delay_s before the limit (here after
+    3 s): the task saves and returns, the job wrapper requeues, the task resumes."""
+    out = tmp_path / "out"
+    code = L.launch("launch_tasks:count", [str(out), "--steps", "24", "--step-s", "0.2"], executor="local",
+                    log_dir=tmp_path / "logs", name="limit",
+                    resources={"timeout_min": 1, "signal_delay_s": 57, "poll_s": 0.2})
+    assert code == 0
+    starts = [json.loads(line)["start_step"] for line in (out / "attempts.jsonl").read_text().splitlines()]
+    assert len(starts) >= 2 and starts[0] == 0 and 0 < starts[1] < 24
+    assert int(json.loads((out / "result.json").read_text())["value"]) == launch_tasks.expected_value(24)
+
+
 def test_local_launcher_sigterm_cancels_the_job(tmp_path):
     marker = tmp_path / "marker.json"
     cmd = [sys.executable, "-m", "finepose", "launch", "--executor", "local", "--resources", '{"poll_s": 0.2}',
