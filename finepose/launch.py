@@ -9,14 +9,19 @@ Executors:
   local   submitit's local executor: a child process on this machine (same job wrapper,
           logs and DDP variables as on SLURM; no queue).
   inline  runs the verb in this process (no job, no log files).
+The task is a finepose verb or, for tests and tools, an importable python callable
+'module:function' taking the argument list (its sys.path root is carried into the job).
 
 The launching process waits for the job, logs every state change (PENDING, RUNNING,
 requeued, ...) and follows the job's stdout/stderr. It exits 0 when the job completes; when
 the job fails, is cancelled, runs out of memory, hits its time limit or its node dies it
 exits 1 with the reason and the tail of the job's logs. SIGTERM or SIGINT to the launcher
-cancels the job (scancel) and exits 143/130. Job state comes from `sacct` when the cluster
-has accounting, else from `scontrol`/`squeue` (see `query_slurm_state`). The job id and
-final state are also written to LOG_DIR/NAME.job.json.
+cancels the job (scancel) and exits 143/130. Job state comes from `query_slurm_state`:
+`sacct` when the cluster has accounting, corrected by `scontrol` while the controller still
+holds the job (accounting lags), and `scontrol`/`squeue` alone without accounting. When the
+job's node dies SLURM requeues the job; the launcher then cancels it and exits 1, unless
+`requeue_on_node_fail: true`. The job id and final state are also written to
+LOG_DIR/NAME.job.json.
 
 Resources (--resources: a JSON or YAML file, or an inline JSON/YAML mapping; the keys may
 also sit under a top-level `resources:` key):
@@ -42,6 +47,9 @@ and the trainer resumes from last.pt. A task that does not return within `preemp
 is interrupted (KeyboardInterrupt) and requeued anyway. SIGTERM (scancel, `scontrol
 requeue`, the hard time limit) also sets the flag, so the trainer saves before SLURM's
 SIGKILL (KillWait seconds later); SLURM itself decides whether the job comes back.
+submitit counts a SIGUSR2 as a time-out rather than a preemption once the job has run
+min(80 % of its limit, limit - 10 min); such requeues are limited to `max_num_timeout` (3).
+Inline, SIGTERM sets the same flag and the launch returns 143 once the task has returned.
 """
 from __future__ import annotations
 
