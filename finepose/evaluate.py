@@ -115,21 +115,31 @@ def predict_windows(model, diffusion, source: ClipSource, windows: EvalWindows, 
 # --------------------------------------------------------------------------------------
 # Aggregation of a batch of windows
 # --------------------------------------------------------------------------------------
-def intrinsics_table(source: ClipSource) -> np.ndarray | None:
-    """(S, 9) fx fy cx cy k1 k2 k3 p1 p2 per sequence (zero distortion where unknown: pinhole),
-    or None when any sequence's camera has no intrinsics (reprojection modes then cannot run)."""
+# Camera models finepose.aggregate can reproject with (finepose.camera.project: pinhole + H36M distortion).
+REPROJECTABLE_MODELS = ("pinhole", "pinhole_radtan")
+
+
+def intrinsics_table(source: ClipSource) -> tuple[np.ndarray | None, str | None]:
+    """((S, 9) fx fy cx cy k1 k2 k3 p1 p2 per sequence, None) with zero distortion where unknown
+    (pinhole), or (None, reason) when some camera cannot be reprojected: no intrinsics, or a
+    camera model the reprojection does not implement (e.g. EgoHumans' fisheye_aria)."""
     from finepose.camera import intrinsics_from_row
 
     rows = []
     for meta in source.sequences:
+        info = meta["camera_info"]
+        where = f"subject {meta['subject']} camera {meta['camera']}"
+        model = info.get("model") or "pinhole"
+        if model not in REPROJECTABLE_MODELS:
+            return None, f"{where}: camera model {model!r} is not supported by the reprojection (pinhole only)"
         try:
-            cam = intrinsics_from_row(meta["camera_info"])
+            cam = intrinsics_from_row(info)
         except ValueError:
-            return None
+            return None, f"{where}: no intrinsics (intrinsics_source {info.get('intrinsics_source')!r})"
         k = cam["k"] if cam["k"] is not None and len(cam["k"]) == 3 else np.zeros(3)
         p = cam["p"] if cam["p"] is not None and len(cam["p"]) == 2 else np.zeros(2)
         rows.append(np.concatenate([cam["f"], cam["c"], k, p]))
-    return np.stack(rows)
+    return np.stack(rows), None
 
 
 def aggregate_window_batch(res: WindowResult, source: ClipSource, modes: Seq[str], root: str,
@@ -456,11 +466,11 @@ def evaluate(checkpoint: Path, out_dir: Path, *, data_dir: str | Path | None = N
     source = ClipSource.from_sequences(sequences, meta["joint_set"], actions=actions)
     frames = int(ckpt.get("frames") or ckpt["model_config"]["frames"])
     windows = evaluation_windows(source, frames)
-    intrinsics = intrinsics_table(source)
+    intrinsics, why_not = intrinsics_table(source)
     skipped = []
     if intrinsics is None and any(m in REPROJECTION_MODES for m in modes):
         skipped = [m for m in modes if m in REPROJECTION_MODES]
-        log.warning("cameras.parquet lacks intrinsics for some sequences: skipping %s", ", ".join(skipped))
+        log.warning("skipping %s: %s", ", ".join(skipped), why_not)
         modes = [m for m in modes if m not in REPROJECTION_MODES]
     dataset = meta["dataset"]
     persons_per_video = defaultdict(set)
@@ -497,7 +507,7 @@ def evaluate(checkpoint: Path, out_dir: Path, *, data_dir: str | Path | None = N
         "clip_weights": getattr(model, "clip_weights", ckpt.get("clip_weights")),
         "demo": bool(run_cfg.get("demo", False) or meta.get("demo", False)),
         "run_config": run_cfg, "modes": modes, "oracle_modes": sorted(m for m in modes if oracle[m]),
-        "modes_skipped": skipped, "root_trajectory": root_trajectory, "split": split,
+        "modes_skipped": skipped, "modes_skipped_reason": why_not if skipped else None, "root_trajectory": root_trajectory, "split": split,
         "subjects": sorted({m["subject"] for m in source.sequences}), "data_dir": str(data_dir),
         "data_source_files": meta.get("source_files"), "frames_per_window": frames, "windows": len(windows),
         "frames_total": source.num_frames, "frames_scored": scorer.scored_frames, "every_frame_once": True,
@@ -548,8 +558,9 @@ def _write_multihuman(path: Path, source: ClipSource, scorer: Scorer, modes: Seq
         arrays[f"{key}|scored"] = present & valid[..., 0, 0].astype(bool)
         arrays[f"{key}|frames"] = numbers
         arrays[f"{key}|characters"] = np.array([source.sequences[s]["person"] for s in seqs])
-        for k, mode in enumerate(modes):
-            arrays[f"{key}|{mode}"], _, _ = stack_characters([(f, scorer.final[s][k]) for f, s in zip(frames, seqs)])
+        for k, mode in enumerate(modes):   # zeros where a character is out of view (absent or invalid)
+            pred, _, _ = stack_characters([(f, scorer.final[s][k]) for f, s in zip(frames, seqs)])
+            arrays[f"{key}|{mode}"] = np.where(arrays[f"{key}|scored"][..., None, None], pred, 0.0).astype(np.float32)
     with atomic_path(path, suffix=".npz.tmp") as tmp:
         with open(tmp, "wb") as handle:
             np.savez_compressed(handle, **arrays)

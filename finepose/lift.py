@@ -232,7 +232,7 @@ def lift_tracks(model, diffusion, ckpt: dict[str, Any], tracks: list[Track], *, 
         spans.append((frames, detected))
     source = ClipSource.from_sequences(sequences, js, actions=vocab or [action])
     windows = evaluation_windows(source, frames_per_window)
-    table = intrinsics_table(source)
+    table, _ = intrinsics_table(source)
     buffers = {s: np.zeros((int(source.length[s]), js.num_joints, 3), np.float32) for s in range(len(sequences))}
     for res in predict_windows(model, diffusion, source, windows, frames=frames_per_window, hypotheses=hypotheses,
                                steps=steps, flip=flip, batch_size=batch_size, seed=seed, device=device):

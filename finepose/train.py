@@ -220,7 +220,8 @@ def load_train_data(cfg: Mapping[str, Any], run_dir: Path | None = None, dist: D
 # Model
 # --------------------------------------------------------------------------------------
 def resolve_model_config(cfg: Mapping[str, Any], num_joints: int, actions: list[str]) -> dict[str, Any]:
-    """ModelConfig defaults <- run config ``model`` <- the variant's switches, plus the data's joints/actions."""
+    """ModelConfig defaults <- run config ``model`` <- the variant's switches, plus the data's joints/actions
+    (and the 3DHP prompt layout for dataset mpi_inf_3dhp unless model.prompt_layout is set)."""
     from finepose.model import VARIANTS, ModelConfig
 
     out = asdict(ModelConfig())
@@ -230,6 +231,8 @@ def resolve_model_config(cfg: Mapping[str, Any], num_joints: int, actions: list[
         raise FinePoseError(f"run config: model.joints = {cfg['model']['joints']} but the frame table has "
                             f"{num_joints} joints")
     out["joints"] = num_joints
+    if cfg["dataset"] == "mpi_inf_3dhp" and "prompt_layout" not in cfg["model"]:
+        out["prompt_layout"] = "3dhp"      # no action text in 3DHP prompts (official code)
     if "actions" not in cfg["model"]:
         out["actions"] = list(actions)
     return out
@@ -459,17 +462,18 @@ def train(cfg: Mapping[str, Any], run_dir: Path, *, resume: str = "auto", max_st
                                 "it or another --out folder")
         if (run_dir / "done.json").exists() and last_path.exists():
             done = json.loads((run_dir / "done.json").read_text())
-            if done.get("identity_hash") == model_hash(cfg, done.get("joint_set")):
+            if done.get("identity_hash") == model_hash(cfg, done.get("joint_set")) and \
+                    done.get("train") == json.loads(json.dumps(cfg["train"])):
                 if dist.main:
                     log.info("%s: already finished (done.json); nothing to do", run_dir)
                 return {"status": "done", **done}
+            # otherwise (e.g. more epochs asked for): resume from last.pt below
         run_dir.mkdir(parents=True, exist_ok=True)
         data = load_train_data(cfg, run_dir, dist)
         ident_hash = model_hash(cfg, data.joint_set)
         t = cfg["train"]
-        frames_cfg = cfg["model"].get("frames")
         model_cfg = resolve_model_config(cfg, data.train.joint_set.num_joints, data.actions)
-        frames = int(model_cfg["frames"] if frames_cfg is None else frames_cfg)
+        frames = int(model_cfg["frames"])
 
         generator = seed_everything(cfg["seed"], dist.rank)
         model, diffusion = build(cfg, model_cfg, dist.device)
@@ -655,6 +659,7 @@ def train(cfg: Mapping[str, Any], run_dir: Path, *, resume: str = "auto", max_st
                 "best_val_mpjpe": best["val_mpjpe"] if math.isfinite(best["val_mpjpe"]) else None,
                 "validation": data.val_description, "clip_weights": getattr(model, "clip_weights", None),
                 "world_size": dist.world, "wall_s_this_process": time.perf_counter() - wall0,
+                "train": cfg["train"],
             }
             _write_done(run_dir, info)
             result.update(info)

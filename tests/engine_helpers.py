@@ -34,13 +34,16 @@ def project(points: np.ndarray) -> np.ndarray:
 
 def write_dataset(root: Path, *, subjects: dict[str, str] | None = None, lengths=(60, 40), dataset: str = "h36m",
                   joint_set: str = "h36m17", actions=("Walking", "Eating"), persons: int = 1,
-                  gaps: bool = False, invalid: tuple[int, int] | None = None, seed: int = 0) -> Path:
+                  gaps: bool = False, invalid: tuple[int, int] | None = None, camera_model: str = "pinhole",
+                  switch_action: bool = False, sequence_is_subject: bool = False, seed: int = 0) -> Path:
     """Write frames.parquet + cameras.parquet under ``root``; returns ``root``.
 
     Each subject gets one sequence per entry of ``lengths`` (action cycling
     through ``actions``), each seen by one camera, with ``persons`` people.
     ``gaps``: person 1 is out of view for a stretch of frames (multi-human tests).
     ``invalid``: frames [a, b) of every first sequence are marked invalid (NaN 3D).
+    ``switch_action``: the action changes to the next one halfway through each sequence (3DHP
+    activities change within a test sequence). ``sequence_is_subject``: 3DHP naming (TS1/TS1).
     """
     subjects = subjects or {"S1": "train", "S5": "train", "S6": "train", "S9": "test"}
     rng = np.random.default_rng(seed)
@@ -58,8 +61,9 @@ def write_dataset(root: Path, *, subjects: dict[str, str] | None = None, lengths
                 m = len(frames)
                 cols["split"] += [split] * m
                 cols["subject"] += [subject] * m
-                cols["action"] += [action] * m
-                cols["sequence"] += [f"{action} {i}"] * m
+                second = actions[(i + 1) % len(actions)] if switch_action else action
+                cols["action"] += [action] * (m // 2) + [second] * (m - m // 2)
+                cols["sequence"] += [subject if sequence_is_subject else f"{action} {i}"] * m
                 cols["camera"] += ["cam0"] * m
                 cols["person"] += [str(person)] * m
                 cols["frame"].append(frames)
@@ -81,7 +85,7 @@ def write_dataset(root: Path, *, subjects: dict[str, str] | None = None, lengths
     root.mkdir(parents=True, exist_ok=True)
     write_table(build_frame_table(columns, 17, meta), root / "frames.parquet")
     cams = [dict(dataset=dataset, subject=s, camera="cam0", res_w=RES, res_h=RES, fx=F_PX, fy=F_PX, cx=C_PX, cy=C_PX,
-                 k=None, p=None, model="pinhole", intrinsics_source="calibration") for s in subjects]
+                 k=None, p=None, model=camera_model, intrinsics_source="calibration") for s in subjects]
     write_table(build_camera_table(cams, {"dataset": dataset}), root / "cameras.parquet")
     return root
 

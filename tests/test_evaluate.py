@@ -117,29 +117,37 @@ def test_stack_characters_keeps_zeros_out_of_view():
 
 
 def test_multi_human_video_and_activity_means(tmp_path):
+    """EgoHumans-like data: 2 characters per video, one leaves the view (absent rows), and frames 2-3 of
+    every first video are invalid for both; fisheye cameras, so reprojection modes are skipped."""
     subjects = {"S1": "train", "S2": "train", "S3": "train", "V1": "test", "V2": "test"}
     data = write_dataset(tmp_path / "ego", subjects=subjects, lengths=(40, 30), dataset="egohumans",
-                         joint_set="coco17", actions=("tagging", "fencing"), persons=2, gaps=True)
+                         joint_set="coco17", actions=("tagging", "fencing"), persons=2, gaps=True, invalid=(2, 4),
+                         camera_model="fisheye_aria")
     ckpt = trained(data, tmp_path / "run", dataset="egohumans",
                    data={"dir": str(data), "val_subjects": ["S3"], "val_fraction": 0.0})
     summary = evaluate(ckpt, tmp_path / "m", data_dir=data, hypotheses=2, steps=2, batch_size=4, device="cpu")
-    rows = [r for r in summary["results"] if r["step"] == 2 and r["mode"] == "j_agg"]
+    prov = summary["provenance"]
+    assert prov["multi_human"] is True and prov["modes_skipped"] == ["p_agg", "j_agg"]
+    assert "fisheye_aria" in prov["modes_skipped_reason"]
+    rows = [r for r in summary["results"] if r["step"] == 2 and r["mode"] == "j_best"]
     videos = {r["key"]: r for r in rows if r["group"] == "video"}
     assert set(videos) == {"V1/tagging 0/cam0", "V1/fencing 1/cam0", "V2/tagging 0/cam0", "V2/fencing 1/cam0"}
-    gap = 7
-    assert videos["V1/tagging 0/cam0"]["frames"] == 2 * 40 - gap     # out-of-view frames are not scored
+    gap, invalid = 7, 2 * 2
+    assert videos["V1/tagging 0/cam0"]["frames"] == 2 * 40 - gap - invalid   # out-of-view frames are not scored
+    assert videos["V1/fencing 1/cam0"]["frames"] == 2 * 30 - gap
     stacks = np.load(tmp_path / "m" / "multihuman.npz")
     for key, row in videos.items():
-        pred, gt, scored = stacks[f"{key}|j_agg"], stacks[f"{key}|gt"], stacks[f"{key}|scored"]
+        pred, gt, scored = stacks[f"{key}|j_best"], stacks[f"{key}|gt"], stacks[f"{key}|scored"]
         assert pred.shape[:2] == scored.shape and pred.shape[0] == 2 and pred.shape[2:] == (17, 3)
-        assert (pred[~scored] == 0).all() and (~scored).sum() == gap  # person 1 leaves the view
+        assert (pred[~scored] == 0).all() and (np.abs(pred[scored]).sum(axis=(1, 2)) > 0).all()
+        assert (~scored).sum() == gap + (invalid if "tagging 0" in key else 0)
         assert joint_errors(pred[scored], gt[scored]).mean() == pytest.approx(row["mpjpe"], rel=1e-5)
     activities = {r["key"]: r["mpjpe"] for r in rows if r["group"] == "activity"}
+    assert set(activities) == {"tagging", "fencing"}
     for activity, value in activities.items():
         assert value == pytest.approx(np.mean([v["mpjpe"] for k, v in videos.items() if activity in k]))
     (overall,) = [r for r in rows if r["group"] == "all"]
     assert overall["mpjpe"] == pytest.approx(np.mean(list(activities.values())))
-    assert summary["provenance"]["multi_human"] is True
 
 
 def test_cli_evaluate_verb(h36m, tmp_path):
@@ -157,3 +165,28 @@ def test_cli_evaluate_verb(h36m, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "finepose", "evaluate", str(tmp_path / "missing.pt"),
                            "--data", str(data), "--out", str(out)], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "no such checkpoint" in proc.stderr
+
+
+def test_mpi_inf_3dhp_activities_change_within_a_sequence_and_get_pck(tmp_path):
+    from finepose.metrics import MPI_INF_3DHP_ACTIVITIES as ACTS
+
+    subjects = {"S1": "train", "S2": "train", "S3": "train", "TS1": "test", "TS5": "test"}
+    data = write_dataset(tmp_path / "3dhp", subjects=subjects, lengths=(50,), dataset="mpi_inf_3dhp",
+                         joint_set="mpi_inf_3dhp17", actions=ACTS[:2], switch_action=True, sequence_is_subject=True)
+    ckpt = trained(data, tmp_path / "run", dataset="mpi_inf_3dhp",
+                   data={"dir": str(data), "val_subjects": ["S3"], "val_fraction": 0.0})
+    import torch
+
+    assert torch.load(ckpt, weights_only=True)["model_config"]["prompt_layout"] == "3dhp"
+    summary = evaluate(ckpt, tmp_path / "m", data_dir=data, hypotheses=2, steps=1, device="cpu", modes=["j_best"])
+    rows = [r for r in summary["results"] if r["step"] == 1]
+    assert {r["group"] for r in rows} == {"all", "activity", "sequence"}
+    assert {r["key"] for r in rows if r["group"] == "sequence"} == {"TS1", "TS5"}
+    acts = {r["key"]: r for r in rows if r["group"] == "activity"}
+    assert set(acts) == set(ACTS[:2]) and all(r["frames"] == 50 for r in acts.values())   # 25 + 25 frames each
+    (overall,) = [r for r in rows if r["group"] == "all"]
+    assert overall["frames"] == 100 and 0 <= overall["auc"] <= overall["pck"] <= 100
+    for metric in ("mpjpe", "pck", "auc"):     # pooled 'all' = frame-weighted mean of the activities
+        assert overall[metric] == pytest.approx(sum(r[metric] * r["frames"] for r in acts.values()) / 100)
+    frames = pq.read_table(tmp_path / "m" / "frames.parquet").to_pandas()
+    assert sorted(frames["action"].unique()) == sorted(ACTS[:2]) and frames["pck"].notna().all()

@@ -113,6 +113,21 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(finished_run, tmp_path
     assert steps == sorted(set(steps))
 
 
+def test_memmap_cache_progress_bar_and_more_epochs(data_dir, tmp_path, capsys):
+    """data.memmap gives the same run as in-memory arrays; a finished run asked for more epochs continues."""
+    base = run_config(data_dir, train={"epochs": 1, "max_steps_per_epoch": 2, "checkpoint_every_steps": 0})
+    plain = resolved(base)
+    mapped = resolved({**base, "data": {**base["data"], "memmap": True}})
+    assert train(plain, tmp_path / "plain", device="cpu")["status"] == "done"
+    assert train(mapped, tmp_path / "mapped", device="cpu", progress=True)["status"] == "done"
+    assert list((tmp_path / "mapped" / "cache").glob("*/x2d.npy"))
+    assert "tiny" in capsys.readouterr().err                         # the tqdm bar (desc = run name)
+    assert_same_weights(weights(tmp_path / "plain/checkpoints/last.pt"), weights(tmp_path / "mapped/checkpoints/last.pt"))
+    longer = resolved({**base, "train": {**base["train"], "epochs": 2}})
+    result = train(longer, tmp_path / "plain", device="cpu")
+    assert result["status"] == "done" and result["steps"] == 4 and result["epochs"] == 2
+
+
 def test_refuses_a_checkpoint_of_another_variant_dataset_or_model(finished_run, tmp_path):
     cfg, run_dir = finished_run
     other = dict(cfg)
