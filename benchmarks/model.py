@@ -93,29 +93,34 @@ def _peak_flops(device) -> float | None:
     return next((peak for key, peak in GPU_BF16_PEAK.items() if key in name), None)
 
 
-def kernel_context(device_type: str, matmul: str, sdpa: str, bf16: bool):
-    """A fresh context applying the kernel choices (CPU GEMM library, SDPA backend, bf16 autocast)."""
+def kernel_context(device_type: str, tuned: bool, bf16: bool):
+    """A fresh context applying the kernel choices: finepose.model.perf.cpu_kernels (CPU) and bf16 autocast."""
     import contextlib
 
     import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from finepose.model.perf import cpu_kernels
 
     stack = contextlib.ExitStack()
-    if device_type == "cpu":
-        # "onednn": route float32 GEMMs to oneDNN (AVX-512 kernels on this AMD CPU, where MKL uses AVX2).
-        # The switch is torch's "bf16 allowed" fpmath hint: on a CPU without AMX, oneDNN still computes
-        # in float32, which the benchmark checks (the output deviation vs the default path is recorded).
-        previous = torch.backends.mkldnn.matmul.fp32_precision
-        torch.backends.mkldnn.matmul.fp32_precision = "bf16" if matmul == "onednn" else "none"
-        stack.callback(setattr, torch.backends.mkldnn.matmul, "fp32_precision", previous)
-        if sdpa == "math":
-            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+    if tuned:
+        stack.enter_context(cpu_kernels(device_type))
     stack.enter_context(torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16))
     return stack
 
 
-def run_case(name: str, device_name: str, repeats: int, warmup: int, compat: bool, matmul: str = "mkl",
-             sdpa: str = "flash", cpu_bf16: bool = False, fused_adamw: bool = True) -> dict:
+def _applied(device_type: str, tuned: bool) -> dict | None:
+    from finepose.model.perf import cpu_kernels
+
+    if device_type != "cpu":
+        return None
+    if not tuned:
+        return {"matmul": "default (MKL)", "attention": "default (flash)"}
+    with cpu_kernels(device_type) as applied:
+        return dict(applied)
+
+
+def run_case(name: str, device_name: str, repeats: int, warmup: int, compat: bool, tuned: bool = True,
+             cpu_bf16: bool = False, fused_adamw: bool = True) -> dict:
     import torch
 
     from finepose.diffusion import GaussianDiffusion
@@ -143,7 +148,7 @@ def run_case(name: str, device_name: str, repeats: int, warmup: int, compat: boo
     bf16 = cuda or cpu_bf16
 
     def kernels():
-        return kernel_context(device.type, matmul, sdpa, bf16)
+        return kernel_context(device.type, tuned, bf16)
 
     # accuracy of the chosen kernels: one denoiser call vs the default float32 path
     probe_y = torch.randn(batch * 2, frames, 17, 3, generator=g).to(device)
@@ -153,6 +158,7 @@ def run_case(name: str, device_name: str, repeats: int, warmup: int, compat: boo
         reference = model(probe_y, x2d, probe_t, enc).float()
         with kernels():
             probe = model(probe_y, x2d, probe_t, enc).float()
+    applied = _applied(device.type, tuned)
     deviation = float((probe - reference).abs().max() / reference.abs().max())
 
     def train_step():
@@ -174,7 +180,7 @@ def run_case(name: str, device_name: str, repeats: int, warmup: int, compat: boo
     result = {"case": name, "device": device_name, "frames": frames, "batch": batch, "hypotheses": hyp,
               "steps": steps, "flip": True, "compat_official": compat, "clip_weights": model.clip_weights,
               "precision": "bf16 autocast" if bf16 else "float32",
-              "cpu_kernels": None if cuda else {"matmul": matmul, "sdpa": sdpa},
+              "cpu_kernels": None if cuda else applied,
               "adamw": "fused" if fused_adamw else "default",
               "max_rel_deviation_vs_default_fp32": deviation,
               "trainable_params_M": round(sum(p.numel() for p in params) / 1e6, 2)}
@@ -213,9 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     parser.add_argument("--compat", action="store_true", help="benchmark compat_official (released behaviour)")
-    parser.add_argument("--cpu-matmul", choices=("mkl", "onednn"), default="mkl",
-                        help="CPU GEMM library for float32 (default mkl, torch's default)")
-    parser.add_argument("--cpu-sdpa", choices=("flash", "math"), default="flash", help="CPU SDPA backend")
+    parser.add_argument("--cpu-kernels", choices=("default", "tuned"), default="tuned",
+                        help="tuned: finepose.model.perf.cpu_kernels (oneDNN float32 GEMMs when exact, math SDPA)")
     parser.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on CPU too (not identical math)")
     parser.add_argument("--default-adamw", action="store_true", help="torch's default AdamW instead of fused")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
@@ -238,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             if dev == "cuda" and not torch.cuda.is_available():
                 out["results"].append({"case": name, "device": dev, "skipped": "no CUDA device on this machine"})
                 continue
-            out["results"].append(run_case(name, dev, args.repeats, args.warmup, args.compat, args.cpu_matmul,
-                                           args.cpu_sdpa, args.cpu_bf16, not args.default_adamw))
+            out["results"].append(run_case(name, dev, args.repeats, args.warmup, args.compat,
+                                           args.cpu_kernels == "tuned", args.cpu_bf16, not args.default_adamw))
     text = json.dumps(out, indent=2)
     print(text)
     if args.out:

@@ -317,3 +317,21 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
 def test_prompt_encoding_is_a_plain_structure():
     enc = tiny().encode_prompts(["Walking"])
     assert isinstance(enc, PromptEncoding) and enc.clips == 1 and enc.to("cpu").keys == ("Walking",)
+
+
+def test_cpu_kernels_keep_float32_math_and_restore_settings():
+    from finepose.model.perf import cpu_kernels, onednn_fp32_probe
+
+    model = tiny().eval()
+    y, x2d, t = inputs(2, 2)
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    with torch.no_grad():
+        reference = model(y, x2d, t, ["Walking", "Eating"])
+        with cpu_kernels("cpu") as applied:
+            tuned = model(y, x2d, t, ["Walking", "Eating"])
+        with cpu_kernels("cuda") as untouched:
+            assert untouched == {"matmul": "default", "attention": "default"}
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    assert applied["attention"] == "math"
+    assert applied["matmul"] == ("onednn-fp32" if onednn_fp32_probe()["exact"] else "default")
+    assert (tuned - reference).abs().max() <= 1e-5 * reference.abs().max()

@@ -1,0 +1,76 @@
+"""CPU kernel choices for the denoiser, with identical float32 math.
+
+On CPUs where Intel MKL does not use AVX-512 (AMD EPYC, e.g. this project's
+2-core machine), oneDNN's float32 GEMMs are about twice as fast as MKL's. PyTorch
+routes float32 matmuls to oneDNN when ``torch.backends.mkldnn.matmul.fp32_precision``
+is ``"bf16"`` — a hint that *allows* bf16 down-conversion. Only CPUs with AMX
+actually down-convert; elsewhere oneDNN computes in float32. :func:`cpu_kernels`
+therefore probes once: it enables the routing only if a float32 matmul under it
+matches float64 to float32 accuracy, and otherwise leaves MKL in place.
+
+At the short sequences of this model (17 joints, tens of frames) the CPU flash
+attention kernel is slower than SDPA's math backend (batched matmuls), and with
+oneDNN routing its inner tiny GEMMs get slower still, so the context also selects
+the math backend of ``scaled_dot_product_attention``. For a CUDA device the context
+does nothing.
+
+    with cpu_kernels(device):
+        loss = ...; loss.backward()
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from typing import Iterator
+
+import torch
+
+log = logging.getLogger(__name__)
+FP32_EXACT_TOLERANCE = 1e-5  # max relative error of a float32 GEMM (K = 512) is ~1e-6; bf16's ~1e-3
+
+
+@functools.lru_cache(maxsize=1)
+def onednn_fp32_probe() -> dict:
+    """Whether oneDNN-routed matmuls compute in float32 here: {"exact": bool, "rel_error": float}."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2048, 512, generator=g)
+    b = torch.randn(512, 512, generator=g)
+    reference = a.double() @ b.double()
+    backend = torch.backends.mkldnn.matmul
+    previous = backend.fp32_precision
+    try:
+        backend.fp32_precision = "bf16"
+        out = a @ b
+    finally:
+        backend.fp32_precision = previous
+    err = float((out.double() - reference).abs().max() / reference.abs().max())
+    return {"exact": err < FP32_EXACT_TOLERANCE, "rel_error": err}
+
+
+@contextlib.contextmanager
+def cpu_kernels(device: torch.device | str = "cpu", onednn_matmul: bool = True,
+                math_attention: bool = True) -> Iterator[dict]:
+    """Apply the CPU kernel choices inside the block (no-op unless ``device`` is a CPU); yields what was applied."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    applied = {"matmul": "default", "attention": "default"}
+    stack = contextlib.ExitStack()
+    with stack:
+        if torch.device(device).type != "cpu":
+            yield applied
+            return
+        if onednn_matmul and torch.backends.mkldnn.is_available():
+            probe = onednn_fp32_probe()
+            if probe["exact"]:
+                backend = torch.backends.mkldnn.matmul
+                stack.callback(setattr, backend, "fp32_precision", backend.fp32_precision)
+                backend.fp32_precision = "bf16"
+                applied["matmul"] = "onednn-fp32"
+            else:
+                log.info("oneDNN would down-convert float32 matmuls here (rel. error %.1e); keeping the default",
+                         probe["rel_error"])
+        if math_attention:
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            applied["attention"] = "math"
+        yield applied
