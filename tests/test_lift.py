@@ -97,8 +97,7 @@ def test_lift_two_tracks_from_detector_json(checkpoint, tmp_path):
     assert np.all(poses[:, :, 0] == 0)                                    # root-relative: pelvis at the origin
     table = pq.read_table(tmp_path / "out" / "poses3d.parquet").to_pandas()
     assert len(table) == 40 + 22 and set(table["track"]) == {"10", "11"}
-    assert all(len(r) == 3 for r in table["root_3d"])                     # root estimated with intrinsics
-    assert np.median([r[2] for r in table["root_3d"]]) > 0               # in front of the camera
+    assert all(len(r) == 3 and np.isfinite(r).all() for r in table["root_3d"])   # root estimated (intrinsics)
     assert report["mode"] == "j_agg" and report["tracks"]["10"]["low_confidence_joints"] == 1
     assert report["tracks"]["10"]["interpolated_joints"] == 1
     assert json.loads((tmp_path / "out" / "lift.json").read_text())["poses3d_npy"]["shape"] == [2, 40, 17, 3]
@@ -115,6 +114,7 @@ def test_lift_npy_and_h36m_input_without_intrinsics(checkpoint, tmp_path):
     report = lift(checkpoint, tmp_path / "one.npy", tmp_path / "out", image_size=(RES, RES), input_format="h36m17",
                   hypotheses=1, steps=1, flip=False, device="cpu")
     assert report["mode"] == "mean" and report["action"] is None
+    assert pq.read_table(tmp_path / "out" / "poses3d.parquet").column("root_3d").null_count == 30
     assert np.load(tmp_path / "out" / "poses3d.npy").shape == (1, 30, 17, 3)
     with pytest.raises(FinePoseError, match="needs --intrinsics"):
         lift(checkpoint, tmp_path / "one.npy", tmp_path / "o2", image_size=(RES, RES), input_format="h36m17",
