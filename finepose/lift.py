@@ -157,19 +157,15 @@ def interpolate_low_confidence(track: Track, threshold: float, joint_names: Seq[
     """
     low = track.scores < threshold                                   # (n, J)
     kp = track.keypoints.copy()
-    never = []
+    never = [j for j in range(kp.shape[1]) if low[:, j].all()]
     for j in range(kp.shape[1]):
-        if not low[:, j].any():
-            continue
-        good = ~low[:, j]
-        if not good.any():
-            never.append(joint_names[j])
-            continue
-        for c in range(2):
-            kp[low[:, j], j, c] = np.interp(track.frames[low[:, j]], track.frames[good], kp[good, j, c])
+        if low[:, j].any() and j not in never:
+            good = ~low[:, j]
+            for c in range(2):
+                kp[low[:, j], j, c] = np.interp(track.frames[low[:, j]], track.frames[good], kp[good, j, c])
     track.report.update(low_confidence_joints=int(low.sum()),
-                        interpolated_joints=int(low.sum()) - int(sum(low[:, joint_names.index(n)].sum() for n in never)),
-                        never_confident=never, threshold=threshold)
+                        interpolated_joints=int(low.sum() - low[:, never].sum()),
+                        never_confident=[joint_names[j] for j in never], threshold=threshold)
     return Track(track.name, track.frames, kp, track.scores, track.report)
 
 
@@ -221,7 +217,10 @@ def lift_tracks(model, diffusion, ckpt: dict[str, Any], tracks: list[Track], *, 
     sequences, spans = [], []
     for track in tracks:
         frames, kp, detected = fill_gaps(track)
-        kp_model = convert(kp, input_format, joint_set) if input_format != joint_set else kp
+        try:
+            kp_model = convert(kp, input_format, joint_set)
+        except ValueError as exc:
+            raise FinePoseError(f"--format {input_format} cannot feed this model (joint set {joint_set}): {exc}") from exc
         n = len(frames)
         sequences.append(Sequence(dataset="input", subject="input", action=action, sequence="input", camera="input",
                                   person=track.name, split="input", frame=frames.astype(np.int32),
