@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     out = {"benchmark": "model", "torch": torch.__version__, "machine": platform.machine(),
            "cpu": platform.processor() or platform.machine(), "cpu_threads": args.threads,
-           "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "results": []}
+           "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+           "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "results": []}
     for name in [c.strip() for c in args.cases.split(",") if c.strip()]:
         for dev in devices:
             if dev not in CASES[name]["devices"]:
@@ -245,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             out["results"].append(run_case(name, dev, args.repeats, args.warmup, args.compat,
                                            args.cpu_kernels == "tuned", args.cpu_bf16, not args.default_adamw))
+    out["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     text = json.dumps(out, indent=2)
     print(text)
     if args.out:
