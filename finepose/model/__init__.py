@@ -6,6 +6,14 @@ Usage::
     model = build_model(ModelConfig().with_variant("finepose"))
     enc = model.encode_prompts(actions)      # once per batch / per sampling call; (B,) clips
     y0_hat = model(y_t, x2d, t, enc)         # y_t (B*H, F, J, 3), x2d (B, F, J, 2), t (B*H,) or (B,)
+    model, ckpt = load_checkpoint(path)      # eval mode; the plain API for equivalence checks
+    x0 = sample(model, diffusion, x2d, actions, hypotheses=H, steps=M, flip_permutation=perm,
+                noise=noise, step_noise=step_noise)   # (M, B, H, F, J, 3), prompts encoded once
+    with cpu_kernels(device): ...            # faster float32 kernels on CPU (finepose.model.perf)
+
+Pass the 2D input and the actions once per clip (B rows), not repeated per hypothesis:
+the model broadcasts them, and compat_official's prompt tiling (clip i mod B) is defined
+over clips.
 
 Switches (``ModelConfig``) and what each removes, in the paper's terms (Section 3.2):
 
@@ -60,11 +68,12 @@ from finepose.model.config import H36M_ACTIONS, PROMPT_KINDS, VARIANT_LABELS, VA
 from finepose.model.denoiser import (FinePOSE, PromptPoseCommunication, TimestepEmbedding, TimestepStylization,
                                      build_model)
 from finepose.model.prompts import PartAwarePrompts, PromptEncoding, manual_prompts, prompt_segments
+from finepose.model.perf import cpu_kernels
 from finepose.model.sampling import denoise_fn, sample
 
 __all__ = [
     "FinePOSE", "ModelConfig", "VARIANTS", "VARIANT_LABELS", "H36M_ACTIONS", "PROMPT_KINDS", "MODEL_FORMAT",
     "build_model", "save_checkpoint", "load_checkpoint", "read_checkpoint", "checkpoint_dict", "variant_of",
     "PartAwarePrompts", "PromptEncoding", "PromptPoseCommunication", "TimestepStylization", "TimestepEmbedding",
-    "manual_prompts", "prompt_segments", "denoise_fn", "sample",
+    "manual_prompts", "prompt_segments", "denoise_fn", "sample", "cpu_kernels",
 ]
