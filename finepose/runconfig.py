@@ -200,9 +200,12 @@ def _check_model(cfg: dict[str, Any], source: str) -> None:
     for key in cfg["model"]:
         if key not in names:
             raise FinePoseError(f"{source}: unknown key 'model.{key}'; ModelConfig fields: {', '.join(sorted(names))}")
-    if cfg["variant"] not in VARIANTS:
-        raise FinePoseError(f"{source}: variant {cfg['variant']!r} is not one of {', '.join(VARIANTS)}")
-    for key, value in VARIANTS[cfg["variant"]].items():
+    if cfg["variant"] not in VARIANTS:  # a config-defined ablation: its model section sets every switch
+        missing = [k for k in VARIANTS["finepose"] if k not in cfg["model"]]
+        if missing:
+            raise FinePoseError(f"{source}: variant {cfg['variant']!r} is not one of {', '.join(VARIANTS)}; a new "
+                                f"variant must set its switches model.{', model.'.join(missing)}")
+    for key, value in VARIANTS.get(cfg["variant"], {}).items():
         if key in cfg["model"] and cfg["model"][key] != value:
             raise FinePoseError(
                 f"{source}: model.{key} = {cfg['model'][key]!r} contradicts variant {cfg['variant']!r}, "

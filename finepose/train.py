@@ -226,7 +226,7 @@ def resolve_model_config(cfg: Mapping[str, Any], num_joints: int, actions: list[
 
     out = asdict(ModelConfig())
     out.update(cfg["model"])
-    out.update(VARIANTS[cfg["variant"]])
+    out.update(VARIANTS.get(cfg["variant"], {}))   # a config-defined variant sets its switches in cfg["model"]
     if "joints" in cfg["model"] and cfg["model"]["joints"] != num_joints:
         raise FinePoseError(f"run config: model.joints = {cfg['model']['joints']} but the frame table has "
                             f"{num_joints} joints")
