@@ -225,6 +225,14 @@ def test_adding_an_ablation_runs_only_it_and_its_table_row(wf: Path):
     assert counts == {"run_config": 1, "train": 1, "evaluate": 1, "table_spec": 1, "tables": 1, "all": 1}, text
     assert "results/runs/h36m/det/c_prompt_wo_fpc/s0/done.json" in text
     assert "results/metrics/h36m/det/c_prompt_wo_fpc/s0/h4_m3/summary.json" in text
+    # the engine accepts the new variant's run config (its switches are in its model section)
+    smk(wf, "--cores", "1", "results/configs/h36m/det/c_prompt_wo_fpc/s0.json")
+    from finepose.runconfig import load_run_config
+
+    run_cfg = load_run_config(wf / "results/configs/h36m/det/c_prompt_wo_fpc/s0.json")
+    assert run_cfg["variant"] == "c_prompt_wo_fpc"
+    assert {k: run_cfg["model"][k] for k in ("prompt", "add_pooled", "fpc", "pts")} == \
+        {"prompt": "coarse", "add_pooled": True, "fpc": False, "pts": True}
     # its row in Table 5 (the spec the tables verb reads), still 'not run' until evaluated
     smk(wf, "--cores", "1", "results/tables/spec.json")
     spec = json.loads((wf / "results/tables/spec.json").read_text())
@@ -269,8 +277,27 @@ def test_changed_run_config_moves_the_old_run_aside(wf: Path):
     smk(wf, "--cores", "1", "results/configs/h36m/det/m_prompt/s0.json")
     moved = list(run_dir.parent.glob("s0.old-*"))
     assert len(moved) == 1 and (moved[0] / "checkpoints/last.pt").read_bytes() == b"old weights"
-    assert not run_dir.exists()
+    assert [p.name for p in run_dir.iterdir()] == [".identity"]          # a fresh run starts here
+    assert (run_dir / ".identity").read_text() != (moved[0] / ".identity").read_text()
     assert json.loads((wf / "results/configs/h36m/det/m_prompt/s0.json").read_text())["model"]["drop_path"] == 0.05
+
+
+def test_more_epochs_continue_the_same_run(wf: Path):
+    """Only `train:` settings changed: the run folder stays, training resumes from its last.pt."""
+    complete_workflow(wf)
+    run_dir = wf / "results/runs/h36m/det/finepose/s0"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints/last.pt").write_bytes(b"weights so far")
+    cfg = load_config(wf / "config.yaml")
+    cfg["experiments"][1]["train"] = {"epochs": 3}              # the GT-2D FinePOSE run only
+    save_config(wf / "config.yaml", cfg)
+    counts, _ = dry_run(wf)
+    assert counts == {"run_config": 1, "train": 1, "evaluate": 1, "tables": 1, "all": 1}   # same table spec
+    smk(wf, "--cores", "1", "results/configs/h36m/gt/finepose/s0.json")
+    assert json.loads((wf / "results/configs/h36m/gt/finepose/s0.json").read_text())["train"]["epochs"] == 3
+    assert (run_dir / "checkpoints/last.pt").read_bytes() == b"weights so far"   # det run untouched
+    gt_run = wf / "results/runs/h36m/gt/finepose/s0"
+    assert gt_run.is_dir() and not list(gt_run.parent.glob("s0.old-*"))
 
 
 # ----------------------------------------------------------------------------- profiles

@@ -5,6 +5,7 @@
 # before any rule is defined; errors name the key (e.g. `inference.hypotheses`).
 
 import copy
+import hashlib
 import importlib.util
 import json
 import os
@@ -353,6 +354,18 @@ def run_config(run: dict) -> dict:
 
 def run_config_json(wildcards) -> str:
     return json.dumps(run_config(_run_of(wildcards)), sort_keys=True)
+
+
+def run_identity(wildcards) -> str:
+    """What makes a run a different run: everything in its config but `train` (and the name).
+
+    When it changes, the run_config rule moves the old run folder aside and training starts
+    afresh; when only `train` settings change (e.g. more epochs), training continues from
+    the run's last checkpoint.
+    """
+    cfg = run_config(_run_of(wildcards))
+    ident = {k: v for k, v in cfg.items() if k not in ("train", "name")}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run_config_file(wildcards) -> str:

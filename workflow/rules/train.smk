@@ -1,8 +1,9 @@
 # Training: one run config per (dataset, 2D source, variant, seed), written only when its
-# content changes (params trigger), then `train` through the launcher. A changed config
-# moves the old run folder aside (never deletes it) so the new run starts fresh; an
-# interrupted run resumes from its last.pt (only done.json is an output, so Snakemake
-# never removes a checkpoint).
+# content changes (params trigger), then `train` through the launcher. When the run's
+# model, data or variant change, the old run folder is moved aside (never deleted) and the
+# new run starts fresh; when only `train:` settings change (e.g. more epochs) training
+# continues from its last checkpoint. An interrupted run resumes from its last.pt (only
+# done.json is an output, so Snakemake never removes a checkpoint).
 
 RUN = "{dataset}/{source}/{variant}/s{seed}"
 
@@ -19,15 +20,19 @@ rule run_config:
         f"{RESULTS}/configs/{RUN}.json",
     params:
         config=run_config_json,
+        identity=run_identity,
         run_dir=run_dir,
     log:
         f"{RESULTS}/logs/run_config/{RUN}.log",
     conda:
         "../envs/finepose.yaml"
     shell:
-        "(if [ -e {params.run_dir:q} ]; then "
-        "old={params.run_dir:q}.old-$(date -u +%Y%m%dT%H%M%SZ); "
-        'echo "run config changed: moving the old run folder aside to $old"; mv {params.run_dir:q} "$old"; fi; '
+        "(old=$(cat {params.run_dir:q}/.identity 2>/dev/null || true); "
+        'if [ -e {params.run_dir:q} ] && [ "$old" != {params.identity:q} ]; then '
+        "aside={params.run_dir:q}.old-$(date -u +%Y%m%dT%H%M%SZ); "
+        'echo "the run changed (model, data or variant): moving the old run folder aside to $aside"; '
+        'mv {params.run_dir:q} "$aside"; fi; '
+        "mkdir -p {params.run_dir:q} && printf '%s\\n' {params.identity:q} > {params.run_dir:q}/.identity && "
         "printf '%s\\n' {params.config:q} > {output}.tmp && mv {output}.tmp {output}) > {log} 2>&1"
 
 
