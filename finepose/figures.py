@@ -4,7 +4,8 @@
 - ``steps_<dataset>.png``: MPJPE after each DDIM step, one line per aggregation mode (oracle modes dashed).
 - ``skeleton_<dataset>.png``: one predicted 3D pose over the ground truth, from the poses an
   evaluation saved beside its summary.json (``poses.npz``, or the multi-human
-  ``multihuman.npz``; see :func:`find_pose_example`).
+  ``multihuman.npz``; see :func:`find_pose_example`), else one test window predicted with
+  the evaluated checkpoint and the evaluation's settings (:func:`sample_pose_example`).
 
 Every figure says in its title whether it shows the demo (synthetic data, tiny model).
 """
@@ -206,6 +207,57 @@ def _from_multihuman(path: Path, mode: str) -> dict[str, Any] | None:
     return None
 
 
+def sample_pose_example(summary: Mapping[str, Any], base: Path, mode: str) -> dict[str, Any] | None:
+    """Predict one test window with the evaluated checkpoint, as the evaluation did.
+
+    Used when the evaluation saved no poses: the summary's provenance names the checkpoint,
+    the data, the 2D source, H, M, flip and seed; the window is the middle of the first
+    test sequence. The figure's title says the frame was sampled for the figure.
+    """
+    prov = summary.get("provenance", {})
+    checkpoint = base / str(prov.get("checkpoint", ""))
+    data_dir = base / str(prov.get("data_dir", ""))
+    if not prov.get("checkpoint") or not checkpoint.is_file() or not (data_dir / "frames.parquet").is_file():
+        return None
+    from dataclasses import replace
+
+    from finepose.data.table import load_sequences, read_metadata
+    from finepose.data.windows import ClipSource, evaluation_windows
+    from finepose.evaluate import aggregate_window_batch, intrinsics_table, load_model, predict_windows
+
+    model, diffusion, ckpt = load_model(checkpoint, "cpu")
+    frames = int(ckpt.get("frames") or ckpt["model_config"]["frames"])
+    subjects = prov.get("subjects") or None
+    sequences = load_sequences(data_dir, prov.get("source_2d", "gt"), subjects=subjects,
+                               split=None if subjects else prov.get("split", "test"))
+    sequences = [s for s in sequences if len(s.frame) >= frames and s.valid.all()] or \
+        [s for s in sequences if len(s.frame) >= frames and s.valid.any()]
+    if not sequences:
+        return None
+    seq = sequences[0]
+    lo = (len(seq.frame) - frames) // 2
+    window = replace(seq, frame=seq.frame[lo:lo + frames], keypoints_2d=seq.keypoints_2d[lo:lo + frames],
+                     keypoints_3d=seq.keypoints_3d[lo:lo + frames], valid=seq.valid[lo:lo + frames],
+                     keypoints_2d_gt=seq.keypoints_2d_gt[lo:lo + frames])
+    meta = read_metadata(data_dir / "frames.parquet")
+    source = ClipSource.from_sequences([window], meta["joint_set"], actions=meta.get("actions") or None)
+    windows = evaluation_windows(source, frames)
+    table = intrinsics_table(source)[0] if mode in ("p_agg", "j_agg") else None
+    for res in predict_windows(model, diffusion, source, windows, frames=frames,
+                               hypotheses=int(prov.get("hypotheses", 1)), steps=int(prov.get("steps", 1)),
+                               flip=bool(prov.get("flip", False)), batch_size=1, seed=int(prov.get("seed", 0)),
+                               device="cpu"):
+        pose = aggregate_window_batch(res, source, [mode], prov.get("root_trajectory", "estimate"), table)
+        pred, gt = pose[-1, 0, 0], np.asarray(res.batch.y3d[0])       # (F, J, 3) each, final step
+        usable = np.flatnonzero(res.scored[0] & res.batch.mask[0])
+        index, error = _median_frame(pred[usable], gt[usable])
+        frame = int(window.frame[usable[index]])
+        return {"pred": pred[usable[index]], "gt": gt[usable[index]], "error_mm": error, "mode": mode,
+                "joint_set": meta["joint_set"],
+                "label": f"{seq.subject} {seq.sequence} camera {seq.camera} frame {frame}, sampled for this figure"}
+    return None
+
+
 # --------------------------------------------------------------------------- all figures
 
 def make_figures(spec: Mapping[str, Any], runs: Sequence[Any], tables: Sequence[Any],
@@ -250,10 +302,10 @@ def make_figures(spec: Mapping[str, Any], runs: Sequence[Any], tables: Sequence[
         if path is not None:
             written.append(path)
         summary_path = run.path if run.path.is_absolute() else base / run.path
-        example = find_pose_example(summary_path, compare)
+        example = find_pose_example(summary_path, compare) or sample_pose_example(run.summary, base, compare)
         if example is None:
-            log.info("%s: no %s or %s beside %s; no skeleton figure for this dataset", dataset, POSES_FILE,
-                     MULTIHUMAN_FILE, summary_path)
+            log.warning("%s: no %s or %s beside %s and no checkpoint to sample from; no skeleton figure",
+                        dataset, POSES_FILE, MULTIHUMAN_FILE, summary_path)
             continue
         joint_set = example.get("joint_set") or run.provenance.get("joint_set")
         parents, right, root = _skeleton_of(joint_set, example["gt"].shape[0])

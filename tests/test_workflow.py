@@ -397,7 +397,12 @@ def test_full_demo_run_with_the_local_profile(tmp_path: Path, wf: Path):
                 label = "Baseline (w/o Prompt)" if number == 5 and name == "wo_prompt" else info["label"]
                 assert float(rows[label]["MPJPE↓ ours J-Best†"]) > 0, (number, name)
     figures = {p.name for p in (wf / "results" / "figures").glob("*.png")}
-    assert {"action_mpjpe.png", "steps_h36m.png", "steps_mpi_inf_3dhp.png", "steps_egohumans.png"} <= figures
+    assert {"action_mpjpe.png", "steps_h36m.png", "steps_mpi_inf_3dhp.png", "steps_egohumans.png",
+            "skeleton_h36m.png", "skeleton_mpi_inf_3dhp.png", "skeleton_egohumans.png"} <= figures
     print(f"demo DAG: {elapsed:.0f} s")
     counts, _ = dry_run(wf, "--profile", str(wf / "profiles" / "local"))
     assert counts == {}
+    # `snakemake --report` gathers the tables and figures into one browsable file
+    smk(wf, "--report", "results/report.html")
+    report = (wf / "results" / "report.html").read_text(errors="replace")
+    assert "table4.csv" in report and "action_mpjpe.png" in report
