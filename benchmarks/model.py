@@ -67,14 +67,16 @@ def _time(fn, device, repeats: int, warmup: int) -> dict:
     for _ in range(warmup):
         fn()
     _sync(device)
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    # cpu_s: CPU seconds of this process (all threads); robust to other processes on a shared machine
     return {"median_s": round(statistics.median(times), 4), "min_s": round(min(times), 4),
-            "max_s": round(max(times), 4), "repeats": repeats}
+            "max_s": round(max(times), 4), "median_cpu_s": round(statistics.median(cpu), 4), "repeats": repeats}
 
 
 def _flops(fn) -> int:
@@ -119,8 +121,60 @@ def _applied(device_type: str, tuned: bool) -> dict | None:
         return dict(applied)
 
 
+def run_baseline(name: str, repeats: int, warmup: int) -> dict:
+    """The released computation, transcribed literally (tests/test_official_import.released_forward:
+    2D input repeated per hypothesis, text branch in every denoiser call, prompt keys tiled, einsum
+    attention, MKL GEMMs, torch's default AdamW), timed under the same conditions as ours."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_official_import import released_forward
+
+    from finepose.diffusion import GaussianDiffusion, flip_averaged, pose_mirror
+    from finepose.model import ModelConfig, build_model
+    from finepose.skeleton import get_joint_set
+
+    case = CASES[name]
+    frames, batch, hyp, steps = case["frames"], case["batch"], case["hypotheses"], case["steps"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(frames=frames, clip_pretrained="none", compat_official=True))
+    diffusion = GaussianDiffusion(timesteps=1000)
+    mirror = pose_mirror(get_joint_set("h36m17").flip_permutation)
+    g = torch.Generator().manual_seed(0)
+    x2d = torch.rand(batch, frames, 17, 2, generator=g).mul(2).sub(1)
+    y0 = torch.randn(batch, frames, 17, 3, generator=g) * 0.3
+    actions = [ACTIONS[i % len(ACTIONS)] for i in range(batch)]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=6e-5, weight_decay=0.1)
+
+    def closed(inputs_2d, h):
+        def fn(y_t, t):
+            out = released_forward(model, y_t.view(batch, h, frames, 17, 3), inputs_2d, t[::h], actions)
+            return out.reshape(y_t.shape)
+        return fn
+
+    def train_step():
+        model.train()
+        loss = diffusion.training_loss(closed(x2d, 1), y0, loss="mpjpe", official_grad_scaling=True)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def sampling_call():
+        model.eval()
+        with torch.no_grad():
+            fn = flip_averaged(closed(x2d, hyp), mirror, closed(mirror(x2d), hyp))
+            return diffusion.ddim_sample(fn, (batch, frames, 17, 3), hypotheses=hyp, steps=steps,
+                                         generator=torch.Generator().manual_seed(1))
+
+    cpu = torch.device("cpu")
+    return {"train_step": _time(train_step, cpu, repeats, warmup),
+            "flip_sampling_call": _time(sampling_call, cpu, repeats, warmup)}
+
+
 def run_case(name: str, device_name: str, repeats: int, warmup: int, compat: bool, tuned: bool = True,
-             cpu_bf16: bool = False, fused_adamw: bool = True) -> dict:
+             cpu_bf16: bool = False, fused_adamw: bool = True, baseline: bool = False) -> dict:
     import torch
 
     from finepose.diffusion import GaussianDiffusion
@@ -202,6 +256,13 @@ def run_case(name: str, device_name: str, repeats: int, warmup: int, compat: boo
             timing["mfu"] = round(flops / timing["median_s"] / peak, 4) if peak else None
             timing["gpu_bf16_peak_tflops"] = peak / 1e12 if peak else None
         result[label] = timing
+    if baseline and not cuda:
+        base = run_baseline(name, repeats, warmup)
+        result["released_style_baseline_same_conditions"] = base
+        result["speedup_vs_baseline"] = {
+            label: {"wall": round(base[label]["median_s"] / result[label]["median_s"], 2),
+                    "cpu_time": round(base[label]["median_cpu_s"] / result[label]["median_cpu_s"], 2)}
+            for label in ("train_step", "flip_sampling_call")}
     if name == "a" and not cuda:
         result["official_reference_s"] = OFFICIAL_CPU_A
         result["speedup_vs_official"] = {
@@ -223,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="tuned: finepose.model.perf.cpu_kernels (oneDNN float32 GEMMs when exact, math SDPA)")
     parser.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on CPU too (not identical math)")
     parser.add_argument("--default-adamw", action="store_true", help="torch's default AdamW instead of fused")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also time the released computation transcribed literally (CPU), same conditions")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
 
@@ -245,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                 out["results"].append({"case": name, "device": dev, "skipped": "no CUDA device on this machine"})
                 continue
             out["results"].append(run_case(name, dev, args.repeats, args.warmup, args.compat,
-                                           args.cpu_kernels == "tuned", args.cpu_bf16, not args.default_adamw))
+                                           args.cpu_kernels == "tuned", args.cpu_bf16, not args.default_adamw,
+                                           args.baseline))
     out["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     text = json.dumps(out, indent=2)
     print(text)
