@@ -137,5 +137,8 @@ def run(args: argparse.Namespace) -> int:
     names = args.names or available_profiles(source)
     for line in install(names, source, target, copy=args.copy, force=args.force):
         print(line)
-    print(f"from the repository root: snakemake --profile {names[0]}" if names else "no profiles to install")
+    if names:
+        print("from the repository root: " + " | ".join(f"snakemake --profile {name}" for name in names))
+    else:
+        print(f"no profiles to install in {source}")
     return 0
