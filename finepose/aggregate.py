@@ -270,6 +270,15 @@ def estimate_root(poses: Any, keypoints_2d: Any, intrinsics: Any, weights: Any =
                           torch.stack([zero, sw, -sy], -1),
                           torch.stack([-sx, -sy, sxx], -1)], -2)        # (..., F, 3, 3) A^T W A
     rhs = torch.stack([(w * rx).sum(-1), (w * ry).sum(-1), -(w * (x * rx + y * ry)).sum(-1)], -1)
+    # Degenerate frames (no usable joint, or all joints at one 2D point) make A^T W A singular.
+    # Solve them as T = 0 (finite; such frames carry no 2D evidence and are not scored) and
+    # leave every well-posed frame's system untouched.
+    scale = normal.diagonal(dim1=-2, dim2=-1).sum(-1)
+    singular = torch.linalg.det(normal).abs() <= 1e-12 * scale.pow(3).clamp_min(1e-300)
+    if bool(singular.any()):
+        eye = torch.eye(3, dtype=normal.dtype, device=normal.device)
+        normal = torch.where(singular[..., None, None], eye, normal)
+        rhs = torch.where(singular[..., None], torch.zeros_like(rhs), rhs)
     T = torch.linalg.solve(normal, rhs.unsqueeze(-1)).squeeze(-1)     # batch axes broadcast
     return _out(T.to(given.dtype), numpy)
 

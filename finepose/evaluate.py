@@ -462,6 +462,16 @@ def evaluate(checkpoint: Path, out_dir: Path, *, data_dir: str | Path | None = N
     sequences = load_sequences(data_dir, source_2d, subjects=subjects, split=None if subjects else split)
     if not sequences:
         raise FinePoseError(f"{data_dir}: no sequences for {'subjects ' + str(subjects) if subjects else 'split ' + split}")
+    # A sequence with no valid frame (e.g. a camera the detector never ran on: S11
+    # "Directions" 54138969 has no Stacked Hourglass file) has nothing to score and no 2D
+    # to condition on; it is left out and listed in the provenance, never fed as zeros.
+    unscorable = [f"{s.subject}/{s.sequence}/{s.camera}/{s.person}" for s in sequences if not s.valid.any()]
+    if unscorable:
+        log.warning("%d sequence(s) have no valid frame for 2D source %r and are not scored: %s",
+                    len(unscorable), source_2d, ", ".join(unscorable))
+        sequences = [s for s in sequences if s.valid.any()]
+        if not sequences:
+            raise FinePoseError(f"{data_dir}: no sequence has a valid frame for 2D source {source_2d!r}")
     actions = list(meta.get("actions") or sorted({s.action for s in sequences}))
     source = ClipSource.from_sequences(sequences, meta["joint_set"], actions=actions)
     frames = int(ckpt.get("frames") or ckpt["model_config"]["frames"])
@@ -507,7 +517,7 @@ def evaluate(checkpoint: Path, out_dir: Path, *, data_dir: str | Path | None = N
         "clip_weights": getattr(model, "clip_weights", ckpt.get("clip_weights")),
         "demo": bool(run_cfg.get("demo", False) or meta.get("demo", False)),
         "run_config": run_cfg, "modes": modes, "oracle_modes": sorted(m for m in modes if oracle[m]),
-        "modes_skipped": skipped, "modes_skipped_reason": why_not if skipped else None, "root_trajectory": root_trajectory, "split": split,
+        "sequences_without_valid_frames": unscorable, "modes_skipped": skipped, "modes_skipped_reason": why_not if skipped else None, "root_trajectory": root_trajectory, "split": split,
         "subjects": sorted({m["subject"] for m in source.sequences}), "data_dir": str(data_dir),
         "data_source_files": meta.get("source_files"), "frames_per_window": frames, "windows": len(windows),
         "frames_total": source.num_frames, "frames_scored": scorer.scored_frames, "every_frame_once": True,

@@ -259,3 +259,15 @@ def test_jpma_on_cuda(camera):
                                  trajectory=torch.tensor(traj, device=dev))
         assert pose.is_cuda and info["selected"].is_cuda
         np.testing.assert_allclose(pose.cpu().numpy(), gt, atol=1e-6)
+
+
+def test_estimate_root_stays_finite_on_degenerate_frames(camera):
+    """All joints at one 2D point (or all weights zero) make the normal equations singular;
+    the relative ridge keeps the answer finite without moving well-posed solutions."""
+    rng = np.random.default_rng(3)
+    pose = rng.normal(scale=0.3, size=(2, 17, 3))
+    kp = np.zeros((2, 17, 2))
+    kp[1] = 500.0
+    weights = np.array([[0.0] * 17, [1.0] * 17])            # frame 0: no usable joint; frame 1: one 2D point
+    root = A.estimate_root(pose, kp, camera, weights=weights)
+    assert np.isfinite(root).all()

@@ -190,3 +190,17 @@ def test_mpi_inf_3dhp_activities_change_within_a_sequence_and_get_pck(tmp_path):
         assert overall[metric] == pytest.approx(sum(r[metric] * r["frames"] for r in acts.values()) / 100)
     frames = pq.read_table(tmp_path / "m" / "frames.parquet").to_pandas()
     assert sorted(frames["action"].unique()) == sorted(ACTS[:2]) and frames["pck"].notna().all()
+
+
+def test_sequence_without_any_valid_frame_is_listed_not_scored(tmp_path):
+    """A camera the detector never ran on (real case: S11 'Directions' 54138969 has no SH file)
+    has no valid frame: it is left out and named in the provenance, and the GT-free modes,
+    whose root solve would see all-zero 2D, still run."""
+    data = write_dataset(tmp_path / "data", lengths=(30, 40), invalid=(0, 30))
+    ckpt = trained(data, tmp_path / "run")
+    summary = evaluate(ckpt, tmp_path / "m", data_dir=data, hypotheses=2, steps=1, batch_size=2, device="cpu",
+                       modes=["j_agg", "p_agg"])
+    prov = summary["provenance"]
+    assert prov["sequences_without_valid_frames"] == ["S9/Walking 0/cam0/0"]
+    assert {r["key"] for r in summary["results"] if r["group"] == "sequence"} == {"S9/Eating 1"}
+    assert all(np.isfinite(r["mpjpe"]) for r in summary["results"])
