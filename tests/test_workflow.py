@@ -1,4 +1,7 @@
-"""The Snakemake workflow: config checks, lint, the DAG, reruns, profiles, and (slow) a full demo run.
+"""The Snakemake workflow: config checks, lint, the DAG, reruns and profiles.
+
+The full demo run (through `snakemake --profile slurm` on the cluster, `--profile local` without
+one) and the Ctrl-C-then-rerun test are in tests/test_workflow_slurm.py; they reuse the helpers here.
 
 Every test works on a copy of the workflow (Snakefile, config.yaml, workflow/, profiles/)
 in tmp_path, so it never touches the repository's results/ or .snakemake/. Dry runs do
@@ -8,7 +11,6 @@ Snakemake's own rerun decisions are what is tested.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -371,38 +373,3 @@ def test_config_variants_match_the_model():
     assert set(cfg["variants"]) == set(VARIANTS)
     for name, switches in VARIANTS.items():
         assert {k: cfg["variants"][name][k] for k in switches} == switches, name
-
-
-# ----------------------------------------------------------------------------- the whole demo (slow)
-
-@pytest.mark.slow
-@pytest.mark.timeout(1500)
-def test_full_demo_run_with_the_local_profile(tmp_path: Path, wf: Path):
-    """README command one's workflow: the embedded default, end to end, then a no-op rerun."""
-    started = time.time()
-    result = smk(wf, "--profile", str(wf / "profiles" / "local"), "--cores", "2", timeout=1400)
-    elapsed = time.time() - started
-    tables_dir = wf / "results" / "tables"
-    for name in ("table1", "table2", "table3", "table4", "table5", "table6"):
-        for ext in ("md", "csv", "tex"):
-            assert (tables_dir / f"{name}.{ext}").stat().st_size > 0
-        assert "DEMO" in (tables_dir / f"{name}.md").read_text()
-    cfg = load_config(wf / "config.yaml")
-    import csv
-
-    for number in (4, 5):
-        rows = {r["Method"]: r for r in csv.DictReader(open(tables_dir / f"table{number}.csv"))}
-        for name, info in cfg["variants"].items():
-            if number in info["tables"]:
-                label = "Baseline (w/o Prompt)" if number == 5 and name == "wo_prompt" else info["label"]
-                assert float(rows[label]["MPJPE↓ ours J-Best†"]) > 0, (number, name)
-    figures = {p.name for p in (wf / "results" / "figures").glob("*.png")}
-    assert {"action_mpjpe.png", "steps_h36m.png", "steps_mpi_inf_3dhp.png", "steps_egohumans.png",
-            "skeleton_h36m.png", "skeleton_mpi_inf_3dhp.png", "skeleton_egohumans.png"} <= figures
-    print(f"demo DAG: {elapsed:.0f} s")
-    counts, _ = dry_run(wf, "--profile", str(wf / "profiles" / "local"))
-    assert counts == {}
-    # `snakemake --report` gathers the tables and figures into one browsable file
-    smk(wf, "--report", "results/report.html")
-    report = (wf / "results" / "report.html").read_text(errors="replace")
-    assert "table4.csv" in report and "action_mpjpe.png" in report
