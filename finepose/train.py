@@ -62,7 +62,40 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config)
     result = train(cfg, Path(args.out), resume=args.resume, max_steps=args.max_steps, device=args.device)
-    return 0 if result["status"] in ("done", "stopped") else 3
+    return {"done": 0, "stopped": 0, "interrupted": 130}.get(result["status"], 3)
+
+
+class _CtrlC:
+    """First SIGINT (Ctrl-C): finish the current step, save last.pt, return. Second: abort now.
+
+    Installed only in the main thread of the main interpreter (signal handlers cannot be set
+    elsewhere); the previous handler is restored on exit.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_CtrlC":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupt: saving last.pt after this step (press Ctrl-C again to abort without saving)")
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 # --------------------------------------------------------------------------------------
@@ -446,8 +479,8 @@ def train(cfg: Mapping[str, Any], run_dir: Path, *, resume: str = "auto", max_st
     """Train (or resume, or confirm finished) the run in ``run_dir``. Returns a status dict.
 
     ``status`` is ``done`` (every epoch trained; done.json written), ``stopped``
-    (``max_steps`` reached) or ``preempted`` (the launcher asked to stop; last.pt
-    saved). Test hook: ``probe(step, model)`` sees the model after each backward pass,
+    (``max_steps`` reached), ``preempted`` (the launcher asked to stop; last.pt
+    saved) or ``interrupted`` (Ctrl-C; last.pt saved after the current step). Test hook: ``probe(step, model)`` sees the model after each backward pass,
     before the update.
     """
     from finepose.launch import preemption_requested   # set by the launcher's SIGUSR2/SIGTERM handlers
@@ -563,6 +596,7 @@ def train(cfg: Mapping[str, Any], run_dir: Path, *, resume: str = "auto", max_st
         status = "done"
         window = {"clips": 0, "time": 0.0, "data": 0.0, "loss": 0.0, "n": 0}
         model.train()
+        ctrl_c = _CtrlC().__enter__()
         while epoch < t["epochs"] and status == "done":
             tick = time.perf_counter()
             for k, batch in loader.batches(epoch, start_batch):
@@ -580,7 +614,7 @@ def train(cfg: Mapping[str, Any], run_dir: Path, *, resume: str = "auto", max_st
                     value = step_module(x2d, y0, mask, t_all[mine].to(dev), noise_all[mine].to(dev), actions)
                 # value = (sum over local frames of the per-frame loss) / (local frames incl. masked)
                 local_frames = batch.mask.size
-                stop_flag = float(preemption_requested())
+                stop_flag = 2.0 if ctrl_c.requested else float(preemption_requested())
                 stats = torch.tensor([value.detach().double().item() * local_frames, float(batch.mask.sum()),
                                       stop_flag], dtype=torch.float64, device=dev)
                 dist.all_reduce(stats)
@@ -612,7 +646,7 @@ def train(cfg: Mapping[str, Any], run_dir: Path, *, resume: str = "auto", max_st
                 position = {"epoch": epoch, "batch": k + 1, "step": step}
                 if stats[2] > 0:
                     save_last(position)
-                    status = "preempted"
+                    status = "interrupted" if ctrl_c.requested else "preempted"
                     break
                 if max_steps is not None and step >= max_steps:
                     save_last(position)
@@ -645,6 +679,7 @@ def train(cfg: Mapping[str, Any], run_dir: Path, *, resume: str = "auto", max_st
                 runlog.write(record)
                 log.info("epoch %d done: step %d, lr %.3g%s", record["epoch"], step, record["lr"],
                          f", val MPJPE {record['val_mpjpe']:.2f} mm" if "val_mpjpe" in record else "")
+        ctrl_c.__exit__()
         if bar is not None:
             bar.close()
         result: dict[str, Any] = {"status": status, "step": step, "epoch": epoch}
@@ -669,6 +704,8 @@ def train(cfg: Mapping[str, Any], run_dir: Path, *, resume: str = "auto", max_st
         runlog.close()
         return result
     finally:
+        if "ctrl_c" in locals():
+            ctrl_c.__exit__()          # restore the caller's SIGINT handler, also on errors
         if dist.created_group:
             torch.distributed.destroy_process_group()
 

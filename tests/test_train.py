@@ -313,3 +313,23 @@ def _baselines(cfg: dict) -> tuple[float, float]:
     mean_pose = data.train.y3d[data.train.valid].mean(axis=0)
     mean_error = np.linalg.norm(data.val.y3d[data.val.valid] - mean_pose, axis=-1).mean() * 1000
     return untrained, float(mean_error)
+
+
+def test_ctrl_c_saves_last_checkpoint_and_resumes_exactly(finished_run, tmp_path):
+    """Ctrl-C (SIGINT) finishes the step in flight, saves last.pt and returns 'interrupted';
+    resuming ends with the uninterrupted run's weights, and the caller's handler is restored."""
+    cfg, reference = finished_run
+    run_dir = tmp_path / "ctrl_c"
+    before = signal.getsignal(signal.SIGINT)
+
+    def press_ctrl_c(step, model):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    first = train(cfg, run_dir, device="cpu", probe=press_ctrl_c)
+    assert first["status"] == "interrupted" and first["step"] == 6
+    assert signal.getsignal(signal.SIGINT) is before
+    saved = torch.load(run_dir / "checkpoints/last.pt", map_location="cpu", weights_only=True)
+    assert saved["position"]["step"] == 6 and not (run_dir / "done.json").exists()
+    assert train(cfg, run_dir, device="cpu")["status"] == "done"
+    assert_same_weights(weights(reference / "checkpoints/last.pt"), weights(run_dir / "checkpoints/last.pt"))
