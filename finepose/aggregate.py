@@ -12,7 +12,11 @@ kind). Shapes:
                                        same unit as the poses
     intrinsics    {"f": (*c, 2), "c": (*c, 2), "k": (*c, 3) | None, "p": (*c, 2) | None}
                   (``finepose.camera.intrinsics_from_row``), or an array (*c, 4) fx fy cx cy
-                  or (*c, 9) fx fy cx cy k1 k2 k3 p1 p2; *c is () for one camera or the trailing
+                  or (*c, 9) fx fy cx cy k1 k2 k3 p1 p2 (pinhole, Human3.6M distortion), or
+                  (*c, 16): an Aria fisheye camera (EgoHumans), its 15 sensor-frame intrinsics
+                  f c_u c_v k0..k5 p0 p1 s0..s3 and the upright image width (see
+                  ``finepose.camera.project_aria``); the Mapping form of that is
+                  {"aria": (*c, 15), "res_w": (*c,)}. *c is () for one camera or the trailing
                   part of *lead (e.g. (B,) for one camera per clip)
 
 Modes (``aggregate(hyps, mode, ...)``):
@@ -32,7 +36,7 @@ the reprojection-based pose-level selection of D3DP, and ``mean`` is its own mod
 
 Reprojection adds a root trajectory to each root-relative hypothesis and projects it
 with ``finepose.camera.project`` (pinhole, plus the Human3.6M distortion when k / p are
-known). The trajectory is either the ground truth (``root="gt"``: the released
+known) or ``finepose.camera.project_aria`` (EgoHumans' Aria fisheye). The trajectory is either the ground truth (``root="gt"``: the released
 behaviour; the result is labelled ``uses_gt_root``) or estimated without ground truth
 from the 2D input and the root-relative pose by linear least squares per frame
 (``root="estimate"``: one translation from the hypothesis mean, shared by all
@@ -49,7 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from finepose.camera import project
+from finepose.camera import ARIA_INTRINSICS, project, project_aria, unproject_aria
 from finepose.io import FinePoseError
 
 MODES = ("mean", "p_best", "j_best", "p_agg", "j_agg")
@@ -192,19 +196,31 @@ def aggregate(hyps: Any, mode: str, *, gt: Any = None, keypoints_2d: Any = None,
 # reprojection and root estimation
 # --------------------------------------------------------------------------------------
 def _camera(intrinsics: Any, like: torch.Tensor, extra_axes: int) -> dict[str, torch.Tensor | None]:
-    """Intrinsics as tensors shaped (*c, 1 x extra_axes, n) to broadcast against points."""
+    """Intrinsics as tensors shaped (*c, 1 x extra_axes, n) to broadcast against points.
+
+    Pinhole: {"f", "c", "k", "p"}; Aria fisheye: {"aria", "res_w"} (res_w with a trailing axis of 1).
+    """
     if isinstance(intrinsics, Mapping):
-        parts = {key: intrinsics.get(key) for key in ("f", "c", "k", "p")}
-        if parts["f"] is None or parts["c"] is None:
-            raise ValueError("intrinsics need 'f' (fx, fy) and 'c' (cx, cy)")
+        if intrinsics.get("aria") is not None:
+            if intrinsics.get("res_w") is None:
+                raise ValueError("Aria fisheye intrinsics need 'res_w' (the upright image width)")
+            res_w = _tensor(intrinsics["res_w"], like)
+            parts = {"aria": intrinsics["aria"], "res_w": res_w.reshape(*res_w.shape, 1)}
+        else:
+            parts = {key: intrinsics.get(key) for key in ("f", "c", "k", "p")}
+            if parts["f"] is None or parts["c"] is None:
+                raise ValueError("intrinsics need 'f' (fx, fy) and 'c' (cx, cy), or 'aria' and 'res_w'")
     else:
         arr = _tensor(intrinsics, like)
-        if arr.shape[-1] not in (4, 9):
-            raise ValueError(f"an intrinsics array must end in 4 (fx fy cx cy) or 9 (+ k1 k2 k3 p1 p2), "
-                             f"got {tuple(arr.shape)}")
-        parts = {"f": arr[..., 0:2], "c": arr[..., 2:4],
-                 "k": arr[..., 4:7] if arr.shape[-1] == 9 else None,
-                 "p": arr[..., 7:9] if arr.shape[-1] == 9 else None}
+        if arr.shape[-1] == ARIA_INTRINSICS + 1:
+            parts = {"aria": arr[..., :ARIA_INTRINSICS], "res_w": arr[..., ARIA_INTRINSICS:]}
+        elif arr.shape[-1] in (4, 9):
+            parts = {"f": arr[..., 0:2], "c": arr[..., 2:4],
+                     "k": arr[..., 4:7] if arr.shape[-1] == 9 else None,
+                     "p": arr[..., 7:9] if arr.shape[-1] == 9 else None}
+        else:
+            raise ValueError(f"an intrinsics array must end in 4 (fx fy cx cy), 9 (+ k1 k2 k3 p1 p2) or "
+                             f"{ARIA_INTRINSICS + 1} (Aria fisheye + image width), got {tuple(arr.shape)}")
     out: dict[str, torch.Tensor | None] = {}
     for key, value in parts.items():
         if value is None:
@@ -213,6 +229,20 @@ def _camera(intrinsics: Any, like: torch.Tensor, extra_axes: int) -> dict[str, t
         v = _tensor(value, like)
         out[key] = v.reshape(*v.shape[:-1], *([1] * extra_axes), v.shape[-1])
     return out
+
+
+def _project(points: torch.Tensor, cam: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    """Camera-space points (..., 3) -> pixels (..., 2) with the camera model of ``cam`` (from _camera)."""
+    if "aria" in cam:
+        return project_aria(points, cam["aria"], cam["res_w"][..., 0])
+    return project(points, cam["f"], cam["c"], cam["k"], cam["p"])
+
+
+def _normalised(keypoints_2d: torch.Tensor, cam: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    """Pixels (..., 2) -> undistorted normalised image coordinates (X/Z, Y/Z) (..., 2)."""
+    if "aria" in cam:
+        return unproject_aria(keypoints_2d, cam["aria"], cam["res_w"][..., 0])
+    return _undistort((keypoints_2d - cam["c"]) / cam["f"], cam["k"], cam["p"])
 
 
 def reproject(poses: Any, trajectory: Any, intrinsics: Any) -> Any:
@@ -225,7 +255,7 @@ def reproject(poses: Any, trajectory: Any, intrinsics: Any) -> Any:
     p = _tensor(poses)
     traj = _tensor(trajectory, p).unsqueeze(-2)                         # (..., F, 1, 3)
     cam = _camera(intrinsics, p, extra_axes=2)
-    return _out(project(p + traj, cam["f"], cam["c"], cam["k"], cam["p"]), numpy)
+    return _out(_project(p + traj, cam), numpy)
 
 
 def _undistort(xy_d: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None, iterations: int = 20) -> torch.Tensor:
@@ -249,8 +279,9 @@ def estimate_root(poses: Any, keypoints_2d: Any, intrinsics: Any, weights: Any =
 
     poses (..., F, J, 3), keypoints_2d (..., F, J, 2) -> T (..., F, 3), the linear least-squares
     solution of (X_j + T)_x - x_j (X_j + T)_z = 0 and (X_j + T)_y - y_j (X_j + T)_z = 0 over
-    joints, where (x_j, y_j) are the undistorted normalised image coordinates
-    ((u - c) / f). Exact for noise-free projections. ``weights`` (..., F, J) weight joints
+    joints, where (x_j, y_j) are the undistorted normalised image coordinates (X/Z, Y/Z):
+    ((u - c) / f) undistorted for a pinhole camera, the unprojected ray for an Aria fisheye
+    camera. Exact for noise-free projections. ``weights`` (..., F, J) weight joints
     (e.g. detector confidences; zero drops a joint).
     """
     numpy = not isinstance(poses, torch.Tensor)
@@ -258,7 +289,7 @@ def estimate_root(poses: Any, keypoints_2d: Any, intrinsics: Any, weights: Any =
     pose = given.double()                                               # solve in float64
     kp = _tensor(keypoints_2d, pose)
     cam = _camera(intrinsics, pose, extra_axes=2)
-    xy = _undistort((kp - cam["c"]) / cam["f"], cam["k"], cam["p"])    # (..., F, J, 2)
+    xy = _normalised(kp, cam)                                           # (..., F, J, 2)
     x, y = xy[..., 0], xy[..., 1]                                       # (..., F, J)
     X, Y, Z = pose[..., 0], pose[..., 1], pose[..., 2]
     w = torch.ones_like(x) if weights is None else _tensor(weights, pose)
@@ -300,5 +331,5 @@ def _reprojection_distance(h: torch.Tensor, keypoints_2d: Any, intrinsics: Any, 
     else:
         traj = estimate_root(h, kp.unsqueeze(-4), intrinsics)           # (*lead, H, F, 3)
     cam = _camera(intrinsics, h, extra_axes=3)                          # (*c, 1, 1, 1, n)
-    proj = project(h + traj.unsqueeze(-2), cam["f"], cam["c"], cam["k"], cam["p"])  # (*lead, H, F, J, 2)
+    proj = _project(h + traj.unsqueeze(-2), cam)                       # (*lead, H, F, J, 2)
     return torch.linalg.vector_norm(proj - kp.unsqueeze(-4), dim=-1)

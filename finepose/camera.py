@@ -133,6 +133,118 @@ def project_pinhole(points: Any, f: Any, c: Any) -> Any:
     return project(points, f, c, clamp=False)
 
 
+# --- Aria fisheye (EgoHumans) -------------------------------------------------------------
+# Aria's FisheyeRadTanThinPrism camera, 15 intrinsics in the *unrotated* sensor frame:
+# [f, c_u, c_v, k0..k5, p0, p1, s0..s3]. With (a, b) = (X/Z, Y/Z), r = |(a, b)|, theta = atan r:
+#     xr  = theta (1 + k0 theta^2 + ... + k5 theta^12) (a, b) / r
+#     n   = |xr|^2
+#     u_n = xr_x + 2 p0 xr_x^2 + p0 n + s0 n + s1 n^2
+#     v_n = xr_y + 2 p1 xr_y^2 + p1 n + s2 n + s3 n^2
+#     (u, v) = f (u_n, v_n) + (c_u, c_v)
+# (the official EgoHumans code's ``aria_camera.vec_image_from_cam``, with its per-axis
+# tangential term, so that it reproduces the benchmark's 2D). EgoHumans stores images
+# rotated upright: upright points are X' = -Y, Y' = X, Z' = Z and upright pixels
+# (u', v') = (W - v, u) for a W-pixel-wide image. Like ``project``, these functions take
+# numpy arrays or torch tensors and broadcast the (..., 15) intrinsics against the points.
+ARIA_INTRINSICS = 15
+_ARIA_EPS = 1e-9
+
+
+def _ops(x: Any):
+    if _is_torch(x):
+        import torch
+
+        return torch.atan, torch.tan, torch.where, torch.stack
+    return np.arctan, np.tan, np.where, np.stack
+
+
+def _aria(intrinsics: Any, like: Any) -> tuple[Any, Any, Any, Any, Any]:
+    intr = _param(intrinsics, like)
+    if intr.shape[-1] != ARIA_INTRINSICS:
+        raise ValueError(f"Aria fisheye intrinsics end in {ARIA_INTRINSICS} values, got {tuple(intr.shape)}")
+    return intr[..., 0:1], intr[..., 1:3], intr[..., 3:9], intr[..., 9:11], intr[..., 11:15]
+
+
+def _theta_polynomial(theta: Any, k: Any) -> tuple[Any, Any]:
+    """(theta (1 + sum k_i theta^(2i+2)), its derivative in theta)."""
+    theta_sq = theta * theta
+    radial, slope, power = 1.0, 1.0, theta_sq
+    for i in range(k.shape[-1]):
+        radial = radial + k[..., i:i + 1] * power
+        slope = slope + (2 * i + 3) * k[..., i:i + 1] * power
+        power = power * theta_sq
+    return theta * radial, slope
+
+
+def _aria_tangential(xr: Any, tangential: Any, prism: Any, stack) -> Any:
+    """The tangential and thin-prism offset added to the radially distorted point xr (..., 2)."""
+    n = (xr * xr).sum(-1)[..., None]
+    offset = 2.0 * xr * tangential * xr + n * tangential
+    prism_uv = stack([(prism[..., 0:1] * n + prism[..., 1:2] * n * n)[..., 0],
+                      (prism[..., 2:3] * n + prism[..., 3:4] * n * n)[..., 0]], -1)
+    return offset + prism_uv
+
+
+def project_aria_raw(points: Any, intrinsics: Any) -> Any:
+    """(..., 3) points in the unrotated sensor frame -> (..., 2) raw fisheye pixels.
+
+    Points on or behind the image plane (z <= 0) give (-1, -1), as in the official code.
+    """
+    points = _float(points)
+    atan, _, where, stack = _ops(points)
+    f, c, k, tangential, prism = _aria(intrinsics, points)
+    z = points[..., 2:3]
+    safe_z = where(z > 0, z, z * 0 + 1)
+    ab = points[..., :2] / safe_z
+    r = (ab * ab).sum(-1)[..., None] ** 0.5
+    safe_r = where(r < _ARIA_EPS, r * 0 + 1, r)
+    theta = atan(r)
+    distorted, _ = _theta_polynomial(theta, k)
+    xr = where(r < _ARIA_EPS, ab, distorted / safe_r * ab)
+    uv = f * (xr + _aria_tangential(xr, tangential, prism, stack)) + c
+    return where(z > 0, uv, uv * 0 - 1.0)
+
+
+def unproject_aria_raw(pixels: Any, intrinsics: Any, iterations: int = 20) -> Any:
+    """Inverse of ``project_aria_raw`` up to depth: (..., 2) raw pixels -> (..., 2) (X/Z, Y/Z).
+
+    The tangential and thin-prism terms are removed by fixed-point iteration (they are
+    small), then theta is solved from the radial polynomial by Newton's method.
+    """
+    pixels = _float(pixels)
+    _, tan, where, stack = _ops(pixels)
+    f, c, k, tangential, prism = _aria(intrinsics, pixels)
+    d = (pixels - c) / f
+    xr = d
+    for _ in range(iterations):
+        xr = d - _aria_tangential(xr, tangential, prism, stack)
+    rho = (xr * xr).sum(-1)[..., None] ** 0.5
+    theta = rho
+    for _ in range(iterations):
+        value, slope = _theta_polynomial(theta, k)
+        theta = theta - (value - rho) / slope
+    safe_rho = where(rho < _ARIA_EPS, rho * 0 + 1, rho)
+    return where(rho < _ARIA_EPS, xr, xr * tan(theta) / safe_rho)
+
+
+def project_aria(points: Any, intrinsics: Any, res_w: Any) -> Any:
+    """(..., 3) upright camera-frame points -> (..., 2) upright pixels (image ``res_w`` pixels wide)."""
+    points = _float(points)
+    stack = _ops(points)[3]
+    raw = project_aria_raw(stack([points[..., 1], -points[..., 0], points[..., 2]], -1), intrinsics)
+    w = _param(res_w, raw)
+    return stack([w - raw[..., 1], raw[..., 0]], -1)
+
+
+def unproject_aria(pixels: Any, intrinsics: Any, res_w: Any, iterations: int = 20) -> Any:
+    """(..., 2) upright pixels -> (..., 2) upright normalised coordinates (X'/Z, Y'/Z)."""
+    pixels = _float(pixels)
+    stack = _ops(pixels)[3]
+    w = _param(res_w, pixels)
+    ab = unproject_aria_raw(stack([pixels[..., 1], w - pixels[..., 0]], -1), intrinsics, iterations)
+    return stack([-ab[..., 1], ab[..., 0]], -1)
+
+
 def normalize_screen(pixels: Any, w: float, h: float) -> Any:
     """Pixels -> screen coordinates: x in [-1, 1], y scaled by the same factor (``y/w*2 - h/w``)."""
     pixels = _float(pixels)

@@ -115,30 +115,49 @@ def predict_windows(model, diffusion, source: ClipSource, windows: EvalWindows, 
 # --------------------------------------------------------------------------------------
 # Aggregation of a batch of windows
 # --------------------------------------------------------------------------------------
-# Camera models finepose.aggregate can reproject with (finepose.camera.project: pinhole + H36M distortion).
-REPROJECTABLE_MODELS = ("pinhole", "pinhole_radtan")
+# Camera models finepose.aggregate can reproject with: pinhole (+ the Human3.6M distortion,
+# finepose.camera.project) and EgoHumans' Aria fisheye (finepose.camera.project_aria).
+REPROJECTABLE_MODELS = ("pinhole", "pinhole_radtan", "fisheye_aria")
+
+
+def _intrinsics_vector(info: Mapping[str, Any]) -> np.ndarray:
+    """One cameras.parquet row -> the intrinsics array of finepose.aggregate: 9 values (pinhole:
+    fx fy cx cy k1 k2 k3 p1 p2, zero distortion where unknown) or 16 (Aria fisheye: its 15
+    sensor-frame intrinsics and the upright image width). ValueError when the row lacks them."""
+    from finepose.camera import intrinsics_from_row
+
+    if (info.get("model") or "pinhole") == "fisheye_aria":
+        from finepose.data.egohumans import aria_intrinsics_from_row
+
+        k, p = info.get("k"), info.get("p")
+        if k is None or p is None or len(k) != 6 or len(p) != 6:
+            raise ValueError("the fisheye_aria row lacks its 6 radial (k) and 6 tangential/thin-prism (p) terms")
+        return np.append(aria_intrinsics_from_row(info), float(info["res_w"]))
+    cam = intrinsics_from_row(info)
+    k = cam["k"] if cam["k"] is not None and len(cam["k"]) == 3 else np.zeros(3)
+    p = cam["p"] if cam["p"] is not None and len(cam["p"]) == 2 else np.zeros(2)
+    return np.concatenate([cam["f"], cam["c"], k, p])
 
 
 def intrinsics_table(source: ClipSource) -> tuple[np.ndarray | None, str | None]:
-    """((S, 9) fx fy cx cy k1 k2 k3 p1 p2 per sequence, None) with zero distortion where unknown
-    (pinhole), or (None, reason) when some camera cannot be reprojected: no intrinsics, or a
-    camera model the reprojection does not implement (e.g. EgoHumans' fisheye_aria)."""
-    from finepose.camera import intrinsics_from_row
-
-    rows = []
+    """((S, n) intrinsics per sequence, None), n = 9 for pinhole cameras and 16 for Aria fisheye
+    (see _intrinsics_vector), or (None, reason) when some camera cannot be reprojected: no
+    intrinsics, a camera model the reprojection does not implement, or a mix of models."""
+    rows, models = [], set()
     for meta in source.sequences:
         info = meta["camera_info"]
         where = f"subject {meta['subject']} camera {meta['camera']}"
         model = info.get("model") or "pinhole"
         if model not in REPROJECTABLE_MODELS:
-            return None, f"{where}: camera model {model!r} is not supported by the reprojection (pinhole only)"
+            return None, (f"{where}: camera model {model!r} is not supported by the reprojection "
+                          f"({', '.join(REPROJECTABLE_MODELS)})")
         try:
-            cam = intrinsics_from_row(info)
-        except ValueError:
-            return None, f"{where}: no intrinsics (intrinsics_source {info.get('intrinsics_source')!r})"
-        k = cam["k"] if cam["k"] is not None and len(cam["k"]) == 3 else np.zeros(3)
-        p = cam["p"] if cam["p"] is not None and len(cam["p"]) == 2 else np.zeros(2)
-        rows.append(np.concatenate([cam["f"], cam["c"], k, p]))
+            rows.append(_intrinsics_vector(info))
+        except (ValueError, TypeError, KeyError) as exc:
+            return None, f"{where}: no usable {model} intrinsics (intrinsics_source {info.get('intrinsics_source')!r}: {exc})"
+        models.add("fisheye_aria" if model == "fisheye_aria" else "pinhole")
+    if len(models) > 1:
+        return None, f"the sequences mix camera models {sorted(models)}; evaluate them separately"
     return np.stack(rows), None
 
 

@@ -1,7 +1,7 @@
 """Tiny prepared datasets and run configs for the engine tests (train, evaluate, lift).
 
 The data is synthetic motion of a fixed 17-joint skeleton seen by a pinhole
-camera, written through the real frame-table API, so the engine reads it
+camera (or an Aria-like fisheye), written through the real frame-table API, so the engine reads it
 exactly as it reads a prepared dataset.
 """
 from __future__ import annotations
@@ -28,7 +28,18 @@ def _motion(n: int, rng: np.random.Generator, joints: int) -> np.ndarray:
     return pose + root[:, None, :]
 
 
-def project(points: np.ndarray) -> np.ndarray:
+# An Aria-like fisheye (equidistant with mild distortion) in the camera-table encoding of
+# finepose.data.egohumans (upright image): fx = fy = f, (cx, cy), k0..k5, [p0, p1, s0..s3].
+FISHEYE_K = [0.02, -0.01, 0.0, 0.0, 0.0, 0.0]
+FISHEYE_P = [1e-4, -1e-4, 0.0, 0.0, 0.0, 0.0]
+
+
+def project(points: np.ndarray, camera_model: str = "pinhole") -> np.ndarray:
+    if camera_model == "fisheye_aria":
+        from finepose.camera import project_aria
+
+        raw = np.array([F_PX, C_PX, RES - C_PX, *FISHEYE_K, *FISHEYE_P])  # f, c_u, c_v: unrotated sensor frame
+        return project_aria(points, raw, RES)
     return points[..., :2] / points[..., 2:3] * F_PX + C_PX
 
 
@@ -68,7 +79,7 @@ def write_dataset(root: Path, *, subjects: dict[str, str] | None = None, lengths
                 cols["person"] += [str(person)] * m
                 cols["frame"].append(frames)
                 cols["keypoints_3d"].append(kp3d)
-                cols["keypoints_2d"].append(project(kp3d))
+                cols["keypoints_2d"].append(project(kp3d, camera_model))
                 ok = np.ones(m, bool)
                 if invalid is not None and i == 0:
                     ok[invalid[0]:invalid[1]] = False
@@ -84,8 +95,10 @@ def write_dataset(root: Path, *, subjects: dict[str, str] | None = None, lengths
             "reader_version": "1", "actions": list(actions)}
     root.mkdir(parents=True, exist_ok=True)
     write_table(build_frame_table(columns, 17, meta), root / "frames.parquet")
+    fisheye = camera_model == "fisheye_aria"
     cams = [dict(dataset=dataset, subject=s, camera="cam0", res_w=RES, res_h=RES, fx=F_PX, fy=F_PX, cx=C_PX, cy=C_PX,
-                 k=None, p=None, model=camera_model, intrinsics_source="calibration") for s in subjects]
+                 k=FISHEYE_K if fisheye else None, p=FISHEYE_P if fisheye else None, model=camera_model,
+                 intrinsics_source="calibration") for s in subjects]
     write_table(build_camera_table(cams, {"dataset": dataset}), root / "cameras.parquet")
     return root
 

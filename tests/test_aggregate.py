@@ -271,3 +271,53 @@ def test_estimate_root_stays_finite_on_degenerate_frames(camera):
     weights = np.array([[0.0] * 17, [1.0] * 17])            # frame 0: no usable joint; frame 1: one 2D point
     root = A.estimate_root(pose, kp, camera, weights=weights)
     assert np.isfinite(root).all()
+
+
+# ---------------------------------------------------------------- Aria fisheye (EgoHumans)
+ARIA = np.array([610.0, 715.0, 705.0, 0.4, -0.46, 0.2, 0.05, -0.06, 0.01, 2e-4, -1.5e-4, -3e-4, 1e-5, 2e-4, -1e-5])
+FISHEYE = np.concatenate([ARIA, [1408.0]])  # 15 sensor-frame intrinsics + the upright image width
+
+
+def _wide_scene(frames=5, clips=2, seed=0):
+    """People 1.5-4 m from a head-mounted camera, up to ~50 degrees off its axis."""
+    gt, _ = _scene(frames, clips, seed)
+    rng = np.random.default_rng(seed + 1)
+    depth = rng.uniform(1.5, 4.0, (clips, frames))
+    traj = np.stack([rng.uniform(-1.0, 1.0, (clips, frames)) * depth, rng.uniform(-0.5, 0.5, (clips, frames)) * depth,
+                     depth], axis=-1)
+    return gt, traj
+
+
+def test_estimate_root_is_exact_for_fisheye_projections():
+    gt, traj = _wide_scene()
+    kp = A.reproject(gt, traj, FISHEYE)                                 # upright fisheye pixels
+    assert kp.shape == (2, 5, J, 2) and ((kp > 0) & (kp < 1408)).all()
+    np.testing.assert_allclose(A.estimate_root(gt, kp, FISHEYE), traj, atol=1e-7)
+    as_mapping = {"aria": ARIA, "res_w": 1408.0}
+    np.testing.assert_allclose(A.reproject(gt, traj, as_mapping), kp)
+    est = A.estimate_root(torch.tensor(gt), torch.tensor(kp), torch.tensor(np.stack([FISHEYE, FISHEYE])))  # per clip
+    np.testing.assert_allclose(est.numpy(), traj, atol=1e-7)
+
+
+@pytest.mark.parametrize("root", ["gt", "estimate"])
+def test_jpma_with_a_fisheye_camera(root):
+    gt, traj = _wide_scene(seed=3)
+    kp = A.reproject(gt, traj, FISHEYE)
+    rng = np.random.default_rng(3)
+    H = 4
+    owner = rng.integers(0, H, size=(2, 5, J))
+    owner[..., 0] = 0
+    hyps = np.repeat(gt[:, None], H, axis=1) + _lateral(rng, (2, H, 5, J), 0.04)
+    hyps[..., 0, :] = 0.0
+    for h in range(H):
+        hyps[:, h][owner == h] = gt[owner == h]
+    pose, info = A.aggregate(torch.tensor(hyps), "j_agg", keypoints_2d=torch.tensor(kp), intrinsics=FISHEYE,
+                             root=root, trajectory=traj if root == "gt" else None)
+    assert info["uses_gt_root"] is (root == "gt") and not info["oracle"]
+    if root == "gt":
+        np.testing.assert_allclose(pose.numpy(), gt, atol=1e-12)
+    else:
+        assert (info["selected"].numpy() == owner)[..., 1:].mean() > 0.9
+        assert metrics.mpjpe(pose.numpy(), gt) < 0.25 * metrics.mpjpe(A.hypothesis_mean(hyps), gt)
+    with pytest.raises(ValueError, match="16"):
+        A.reproject(gt, traj, FISHEYE[:12])

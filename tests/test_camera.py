@@ -163,3 +163,39 @@ def test_real_projection_lands_near_stacked_hourglass(h36m_raw, subject, world_n
         assert 4.0 < error < 30.0, (camera_id, error)           # one camera and sequence
         # without distortion the limbs land measurably further away near the image border
         assert np.abs(cam.project(points, distort=False) - uv).max() > 1.0
+
+
+# --- Aria fisheye (EgoHumans) ----------------------------------------------------------------
+ARIA = np.array([610.0, 715.0, 705.0, 0.4, -0.46, 0.2, 0.05, -0.06, 0.01, 2e-4, -1.5e-4, -3e-4, 1e-5, 2e-4, -1e-5])
+
+
+def _aria_points(n=200, seed=0):
+    """Points up to ~65 degrees off the optical axis, 0.5-6 m away (Aria's RGB field of view is ~110 degrees)."""
+    rng = np.random.default_rng(seed)
+    angle, azimuth = rng.uniform(0, np.radians(65), n), rng.uniform(0, 2 * np.pi, n)
+    depth = rng.uniform(0.5, 6.0, n)
+    return np.stack([np.tan(angle) * np.cos(azimuth) * depth, np.tan(angle) * np.sin(azimuth) * depth, depth], -1)
+
+
+def test_aria_unprojection_inverts_the_projection_numpy_and_torch():
+    from finepose.camera import project_aria, project_aria_raw, unproject_aria, unproject_aria_raw
+
+    points = _aria_points()
+    ray = points[:, :2] / points[:, 2:]
+    np.testing.assert_allclose(unproject_aria_raw(project_aria_raw(points, ARIA), ARIA), ray, atol=1e-9)
+    # upright frame (EgoHumans' images are rotated): X' = -Y, Y' = X, pixels (W - v, u)
+    upright = np.stack([-points[:, 1], points[:, 0], points[:, 2]], -1)
+    px = project_aria(upright, ARIA, 1408)
+    raw = project_aria_raw(points, ARIA)
+    np.testing.assert_allclose(px, np.stack([1408 - raw[:, 1], raw[:, 0]], -1))
+    np.testing.assert_allclose(unproject_aria(px, ARIA, 1408), upright[:, :2] / upright[:, 2:], atol=1e-9)
+    # torch in -> torch out, same numbers; per-point intrinsics broadcast
+    t_px = project_aria(torch.tensor(upright), torch.tensor(ARIA).expand(len(points), -1), torch.tensor(1408.0))
+    assert isinstance(t_px, torch.Tensor)
+    np.testing.assert_allclose(t_px.numpy(), px, atol=1e-9)
+    back = unproject_aria(t_px, torch.tensor(ARIA), 1408)
+    np.testing.assert_allclose(back.numpy(), upright[:, :2] / upright[:, 2:], atol=1e-9)
+    # the optical axis maps to the principal point and back; behind the camera gives (-1, -1)
+    np.testing.assert_allclose(project_aria_raw(np.array([0.0, 0.0, 2.0]), ARIA), ARIA[1:3])
+    np.testing.assert_allclose(unproject_aria_raw(ARIA[1:3], ARIA), [0.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(project_aria_raw(np.array([0.3, 0.1, -1.0]), ARIA), [-1.0, -1.0])

@@ -118,7 +118,7 @@ def test_stack_characters_keeps_zeros_out_of_view():
 
 def test_multi_human_video_and_activity_means(tmp_path):
     """EgoHumans-like data: 2 characters per video, one leaves the view (absent rows), and frames 2-3 of
-    every first video are invalid for both; fisheye cameras, so reprojection modes are skipped."""
+    every first video are invalid for both; Aria-like fisheye cameras, reprojected by P-Agg/J-Agg."""
     subjects = {"S1": "train", "S2": "train", "S3": "train", "V1": "test", "V2": "test"}
     data = write_dataset(tmp_path / "ego", subjects=subjects, lengths=(40, 30), dataset="egohumans",
                          joint_set="coco17", actions=("tagging", "fencing"), persons=2, gaps=True, invalid=(2, 4),
@@ -127,8 +127,8 @@ def test_multi_human_video_and_activity_means(tmp_path):
                    data={"dir": str(data), "val_subjects": ["S3"], "val_fraction": 0.0})
     summary = evaluate(ckpt, tmp_path / "m", data_dir=data, hypotheses=2, steps=2, batch_size=4, device="cpu")
     prov = summary["provenance"]
-    assert prov["multi_human"] is True and prov["modes_skipped"] == ["p_agg", "j_agg"]
-    assert "fisheye_aria" in prov["modes_skipped_reason"]
+    assert prov["multi_human"] is True and prov["modes_skipped"] == [] and prov["modes_skipped_reason"] is None
+    assert {r["mode"] for r in summary["results"]} >= {"p_agg", "j_agg", "j_best"}
     rows = [r for r in summary["results"] if r["step"] == 2 and r["mode"] == "j_best"]
     videos = {r["key"]: r for r in rows if r["group"] == "video"}
     assert set(videos) == {"V1/tagging 0/cam0", "V1/fencing 1/cam0", "V2/tagging 0/cam0", "V2/fencing 1/cam0"}
@@ -204,3 +204,28 @@ def test_sequence_without_any_valid_frame_is_listed_not_scored(tmp_path):
     assert prov["sequences_without_valid_frames"] == ["S9/Walking 0/cam0/0"]
     assert {r["key"] for r in summary["results"] if r["group"] == "sequence"} == {"S9/Eating 1"}
     assert all(np.isfinite(r["mpjpe"]) for r in summary["results"])
+
+
+def test_intrinsics_table_reprojects_pinhole_and_fisheye_and_names_what_it_cannot():
+    from types import SimpleNamespace
+
+    from finepose.evaluate import intrinsics_table
+
+    def source(*rows):
+        return SimpleNamespace(sequences=[{"subject": f"S{i}", "camera": "c", "camera_info": r} for i, r in enumerate(rows)])
+
+    pinhole = {"fx": 1000.0, "fy": 1001.0, "cx": 500.0, "cy": 490.0, "k": None, "p": None, "model": "pinhole",
+               "res_w": 1000}
+    fisheye = {"fx": 610.0, "fy": 610.0, "cx": 703.0, "cy": 715.0, "k": [0.4, -0.46, 0.2, 0.05, -0.06, 0.01],
+               "p": [2e-4, -1.5e-4, -3e-4, 1e-5, 2e-4, -1e-5], "model": "fisheye_aria", "res_w": 1408}
+    table, why = intrinsics_table(source(pinhole, pinhole))
+    assert why is None and table.shape == (2, 9) and table[0].tolist() == [1000, 1001, 500, 490, 0, 0, 0, 0, 0]
+    table, why = intrinsics_table(source(fisheye))
+    assert why is None and table.shape == (1, 16)
+    assert table[0, :3].tolist() == [610.0, 715.0, 1408 - 703.0] and table[0, 15] == 1408   # sensor frame + width
+    table, why = intrinsics_table(source({**fisheye, "k": None, "intrinsics_source": "missing"}))
+    assert table is None and "S0 camera c" in why and "fisheye_aria" in why and "'missing'" in why
+    table, why = intrinsics_table(source(pinhole, fisheye))
+    assert table is None and "mix camera models" in why
+    table, why = intrinsics_table(source({**pinhole, "model": "orthographic"}))
+    assert table is None and "'orthographic' is not supported" in why

@@ -46,6 +46,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from finepose.camera import project_aria, project_aria_raw  # noqa: F401 - project_aria_raw re-exported
 from finepose.data.table import (
     CAMERAS_FILE,
     FRAMES_FILE,
@@ -84,38 +85,6 @@ def rotate_3d_to_raw(points: np.ndarray) -> np.ndarray:
     return np.stack([points[..., 1], -points[..., 0], points[..., 2]], axis=-1)
 
 
-def project_aria_raw(points: np.ndarray, intrinsics: np.ndarray, eps: float = 1e-9) -> np.ndarray:
-    """(..., 3) points in the unrotated sensor frame -> (..., 2) raw fisheye pixels.
-
-    ``intrinsics`` = [f, c_u, c_v, k0..k5, p0, p1, s0..s3] (Aria
-    FisheyeRadTanThinPrism), evaluated as the official EgoHumans code does
-    (``aria_camera.vec_image_from_cam``, including its per-axis tangential term), so
-    that it reproduces the benchmark's 2D. Points behind the camera give (-1, -1).
-    """
-    p = np.asarray(points, dtype=np.float64)
-    intr = np.asarray(intrinsics, dtype=np.float64)
-    f, c, k, tangential, prism = intr[0], intr[1:3], intr[3:9], intr[9:11], intr[11:15]
-    z = p[..., 2:3]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ab = p[..., :2] / z
-        r = np.linalg.norm(ab, axis=-1, keepdims=True)
-        theta = np.arctan(r)
-        theta_sq = theta ** 2
-        radial = np.ones_like(theta)
-        power = theta_sq.copy()
-        for coefficient in k:
-            radial = radial + coefficient * power
-            power = power * theta_sq
-        th_div_r = np.where(r < eps, 1.0, theta / np.where(r < eps, 1.0, r))
-        xr_yr = radial * th_div_r * ab
-        norm_sq = (xr_yr ** 2).sum(axis=-1, keepdims=True)
-        uv = xr_yr + 2.0 * xr_yr * tangential * xr_yr + norm_sq * tangential
-        powers = np.concatenate([norm_sq, norm_sq ** 2], axis=-1)
-        uv = uv + np.stack([(prism[:2] * powers).sum(-1), (prism[2:] * powers).sum(-1)], axis=-1)
-        out = f * uv + c
-    return np.where(z <= 0, -1.0, out)
-
-
 def camera_row_intrinsics(intrinsics: np.ndarray, res_w: int) -> dict[str, Any]:
     """15 Aria intrinsics (unrotated) -> the camera-table fields (upright encoding, see the module docstring)."""
     intr = [float(v) for v in intrinsics]
@@ -132,8 +101,7 @@ def aria_intrinsics_from_row(row: Mapping[str, Any]) -> np.ndarray:
 
 def project_fisheye_aria(points: np.ndarray, row: Mapping[str, Any]) -> np.ndarray:
     """(..., 3) upright camera-frame points (as in the frame table) -> (..., 2) upright pixels, with a camera row."""
-    raw = project_aria_raw(rotate_3d_to_raw(points), aria_intrinsics_from_row(row))
-    return np.stack([row["res_w"] - raw[..., 1], raw[..., 0]], axis=-1)
+    return project_aria(np.asarray(points, dtype=np.float64), aria_intrinsics_from_row(row), row["res_w"])
 
 
 def read_aria_calibration(path: Path) -> dict[str, np.ndarray]:
