@@ -11,7 +11,10 @@ architecture with seeded random weights, recorded as clip_weights "random"):
 On CUDA: bf16 autocast, peak allocated memory, and model FLOPs utilisation (FLOPs counted
 with torch.utils.flop_counter over one call, divided by time and the GPU's dense bf16
 peak). On CPU: torch.set_num_threads(--threads), peak RSS of the phase (VmHWM after a
-reset). The reference is the released implementation on this 2-core machine for (a):
+reset), and a roofline: this CPU's float32 GEMM rate on the model's Linear shapes, the
+time a phase's FLOPs need at that rate (no float32 implementation of the same math can
+be faster), the fraction of it achieved, and the largest speed-up over the official
+times that the ceiling allows. The reference is the released implementation on this 2-core machine for (a):
 1.85-2.34 s per training step, 9.8-10.5 s per flip sampling call.
 
     .venv/bin/python benchmarks/model.py [--device cpu|cuda|all] [--repeats 5] [--out FILE]
@@ -77,6 +80,43 @@ def _time(fn, device, repeats: int, warmup: int) -> dict:
     # cpu_s: CPU seconds of this process (all threads); robust to other processes on a shared machine
     return {"median_s": round(statistics.median(times), 4), "min_s": round(min(times), 4),
             "max_s": round(max(times), 4), "median_cpu_s": round(statistics.median(cpu), 4), "repeats": repeats}
+
+
+def cpu_gemm_ceiling(width: int = 512, mlp_ratio: float = 2.0, repeats: int = 10) -> dict:
+    """This CPU's float32 GEMM rate on the model's own linear-layer shapes (GFLOP/s, current threads).
+
+    The denoiser's FLOPs are almost all in Linear layers (qkv, proj, fc1, fc2 of every block) over
+    a few hundred to a few thousand tokens; no float32 implementation of the same math can run
+    faster than these GEMMs do. Measured with the default (MKL) and the oneDNN routing; the best
+    shape and backend is the ceiling used for the lower bounds.
+    """
+    import torch
+
+    hidden = int(width * mlp_ratio)
+    backend = torch.backends.mkldnn.matmul
+    previous = backend.fp32_precision
+    shapes = [(k, n) for k, n in ((width, 3 * width), (width, width), (width, hidden), (hidden, width))]
+    rates: dict[str, dict[str, float]] = {}
+    try:
+        for routing, precision in (("mkl", "none"), ("onednn", "bf16")):
+            backend.fp32_precision = precision
+            for tokens in (918, 4590):  # case (a): a training batch (2 x 27 x 17) and a sampling call (10 rows)
+                total_flop, total_s = 0.0, 0.0
+                for k, n in shapes:
+                    a, w, b = torch.randn(tokens, k), torch.randn(n, k), torch.randn(n)
+                    for _ in range(2):
+                        torch.nn.functional.linear(a, w, b)
+                    start = time.perf_counter()
+                    for _ in range(repeats):
+                        torch.nn.functional.linear(a, w, b)
+                    total_s += time.perf_counter() - start
+                    total_flop += 2.0 * tokens * k * n * repeats
+                rates.setdefault(routing, {})[f"{tokens}_tokens"] = round(total_flop / total_s / 1e9, 1)
+    finally:
+        backend.fp32_precision = previous
+    return {"gflops": max(v for r in rates.values() for v in r.values()), "by_backend_and_tokens": rates,
+            "threads": torch.get_num_threads(),
+            "note": "float32 Linear (GEMM + bias) at the block's four shapes; the mix qkv/proj/fc1/fc2"}
 
 
 def _flops(fn) -> int:
@@ -263,8 +303,19 @@ def run_case(name: str, device_name: str, repeats: int, warmup: int, compat: boo
             label: {"wall": round(base[label]["median_s"] / result[label]["median_s"], 2),
                     "cpu_time": round(base[label]["median_cpu_s"] / result[label]["median_cpu_s"], 2)}
             for label in ("train_step", "flip_sampling_call")}
+    if not cuda:
+        ceiling = cpu_gemm_ceiling()
+        result["cpu_fp32_gemm_ceiling"] = ceiling
+        for label in ("train_step", "flip_sampling_call"):
+            bound = result[label]["model_gflop"] / ceiling["gflops"]
+            result[label]["lower_bound_s_at_gemm_ceiling"] = round(bound, 3)
+            result[label]["fraction_of_gemm_ceiling"] = round(bound / result[label]["median_s"], 3)
     if name == "a" and not cuda:
         result["official_reference_s"] = OFFICIAL_CPU_A
+        # the most any float32 implementation of the same math could gain over the official times here
+        result["max_possible_speedup_vs_official"] = {
+            label: [round(v / result[label]["lower_bound_s_at_gemm_ceiling"], 2) for v in OFFICIAL_CPU_A[key]]
+            for label, key in (("train_step", "train_step_s"), ("flip_sampling_call", "flip_sampling_call_s"))}
         result["speedup_vs_official"] = {
             "train_step": [round(v / result["train_step"]["median_s"], 2) for v in OFFICIAL_CPU_A["train_step_s"]],
             "flip_sampling_call": [round(v / result["flip_sampling_call"]["median_s"], 2)

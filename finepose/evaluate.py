@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -441,12 +442,56 @@ def load_model(checkpoint: Path, device: torch.device):
     return model.to(device).eval(), diffusion.to(device), ckpt
 
 
+class Progress:
+    """Progress of a long loop: a tqdm bar on a terminal; elsewhere (batch jobs, whose stderr
+    is a log file) a log line at most every ``every_s`` seconds with the count, rate and ETA."""
+
+    def __init__(self, total: int, unit: str, desc: str, show_bar: bool | None = None, every_s: float = 60.0):
+        self.total, self.unit, self.desc, self.every_s = total, unit, desc, every_s
+        self.done, self.start = 0, time.monotonic()
+        self.last_log = self.start
+        self.bar = None
+        if sys.stderr.isatty() if show_bar is None else show_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        if now - self.last_log >= self.every_s or self.done >= self.total:
+            self.last_log = now
+            elapsed = now - self.start
+            rate = self.done / elapsed if elapsed > 0 else 0.0
+            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+            log.info("%s: %d/%d %s (%.0f%%), %.1f %s/s, elapsed %s, ETA %s", self.desc, self.done, self.total,
+                     self.unit, 100.0 * self.done / max(self.total, 1), rate, self.unit, _clock(elapsed), _clock(eta))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds:  # NaN: no rate yet
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def evaluate(checkpoint: Path, out_dir: Path, *, data_dir: str | Path | None = None, source_2d: str | None = None,
              hypotheses: int | None = None, steps: int | None = None, eta: float | None = None,
              flip: bool | None = None, seed: int | None = None, batch_size: int | None = None,
              split: str | None = None, subjects: Seq[str] | None = None, modes: Seq[str] | None = None,
-             root_trajectory: str | None = None, device: str = "auto") -> dict[str, Any]:
-    """Score ``checkpoint``; writes out_dir/summary.json and out_dir/frames.parquet; returns the summary."""
+             root_trajectory: str | None = None, device: str = "auto", progress: bool | None = None
+             ) -> dict[str, Any]:
+    """Score ``checkpoint``; writes out_dir/summary.json and out_dir/frames.parquet; returns the summary.
+
+    progress: a tqdm bar (True), periodic log lines (False), or a bar only when stderr is a terminal (None).
+    """
     from finepose.aggregate import MODES, ORACLE_MODES, REPROJECTION_MODES
     from finepose.runconfig import DEFAULTS
 
@@ -513,9 +558,12 @@ def evaluate(checkpoint: Path, out_dir: Path, *, data_dir: str | Path | None = N
              checkpoint, dataset, split, source_2d, source.num_sequences, source.num_frames, len(windows), frames,
              hypotheses, steps, flip)
     amp = bool(run_cfg.get("train", {}).get("amp", True))
+    bar = Progress(len(windows), "windows", f"evaluate {source_2d} H={hypotheses} M={steps}", show_bar=progress)
     for res in predict_windows(model, diffusion, source, windows, frames=frames, hypotheses=hypotheses, steps=steps,
                                eta=eta, flip=flip, batch_size=batch_size, seed=seed, device=dev, amp=amp):
         scorer.add(res, aggregate_window_batch(res, source, modes, root_trajectory, intrinsics))
+        bar.update(len(res.index))
+    bar.close()
 
     oracle = {m: m in ORACLE_MODES for m in modes}
     rows = []

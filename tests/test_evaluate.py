@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -229,3 +230,22 @@ def test_intrinsics_table_reprojects_pinhole_and_fisheye_and_names_what_it_canno
     assert table is None and "mix camera models" in why
     table, why = intrinsics_table(source({**pinhole, "model": "orthographic"}))
     assert table is None and "'orthographic' is not supported" in why
+
+
+def test_progress_logs_count_rate_and_eta_when_not_on_a_terminal(caplog):
+    from finepose.evaluate import Progress
+
+    caplog.set_level(logging.INFO, logger="finepose.evaluate")
+    bar = Progress(10, "windows", "evaluate gt", show_bar=False, every_s=0.0)
+    bar.update(4)
+    bar.update(6)
+    bar.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and lines[0].startswith("evaluate gt: 4/10 windows (40%)") and "ETA" in lines[0]
+    assert lines[1].startswith("evaluate gt: 10/10 windows (100%)") and lines[1].endswith("ETA 0:00:00")
+    caplog.clear()
+    quiet = Progress(10, "windows", "evaluate gt", show_bar=False, every_s=3600.0)
+    quiet.update(3)                                                    # within the interval: no line
+    assert not caplog.records
+    quiet.update(7)                                                    # the last one is always logged
+    assert len(caplog.records) == 1
