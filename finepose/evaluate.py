@@ -405,6 +405,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root-trajectory", choices=("estimate", "gt"), default=None,
                         help="root used to reproject hypotheses for p_agg/j_agg (default: eval.root_trajectory)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast on CUDA (default: the run's train.amp; --no-amp scores in float32)")
     parser.add_argument("--out", required=True, help="METRICS_DIR: summary.json, frames.parquet")
 
 
@@ -412,7 +414,7 @@ def run(args: argparse.Namespace) -> int:
     evaluate(Path(args.checkpoint), Path(args.out), data_dir=args.data, source_2d=args.source_2d,
              hypotheses=args.hypotheses, steps=args.steps, eta=args.eta, flip=args.flip, seed=args.seed,
              batch_size=args.batch_size, split=args.split, subjects=args.subjects, modes=args.modes,
-             root_trajectory=args.root_trajectory, device=args.device)
+             root_trajectory=args.root_trajectory, device=args.device, amp=args.amp)
     return 0
 
 
@@ -486,11 +488,12 @@ def evaluate(checkpoint: Path, out_dir: Path, *, data_dir: str | Path | None = N
              hypotheses: int | None = None, steps: int | None = None, eta: float | None = None,
              flip: bool | None = None, seed: int | None = None, batch_size: int | None = None,
              split: str | None = None, subjects: Seq[str] | None = None, modes: Seq[str] | None = None,
-             root_trajectory: str | None = None, device: str = "auto", progress: bool | None = None
-             ) -> dict[str, Any]:
+             root_trajectory: str | None = None, device: str = "auto", progress: bool | None = None,
+             amp: bool | None = None) -> dict[str, Any]:
     """Score ``checkpoint``; writes out_dir/summary.json and out_dir/frames.parquet; returns the summary.
 
     progress: a tqdm bar (True), periodic log lines (False), or a bar only when stderr is a terminal (None).
+    amp: bf16 autocast on CUDA (None: the run config's train.amp; ignored on CPU).
     """
     from finepose.aggregate import MODES, ORACLE_MODES, REPROJECTION_MODES
     from finepose.runconfig import DEFAULTS
@@ -557,7 +560,7 @@ def evaluate(checkpoint: Path, out_dir: Path, *, data_dir: str | Path | None = N
     log.info("evaluating %s on %s %s (%s 2D): %d sequences, %d frames, %d windows of %d; H=%d M=%d flip=%s",
              checkpoint, dataset, split, source_2d, source.num_sequences, source.num_frames, len(windows), frames,
              hypotheses, steps, flip)
-    amp = bool(run_cfg.get("train", {}).get("amp", True))
+    amp = bool(run_cfg.get("train", {}).get("amp", True)) if amp is None else bool(amp)
     bar = Progress(len(windows), "windows", f"evaluate {source_2d} H={hypotheses} M={steps}", show_bar=progress)
     for res in predict_windows(model, diffusion, source, windows, frames=frames, hypotheses=hypotheses, steps=steps,
                                eta=eta, flip=flip, batch_size=batch_size, seed=seed, device=dev, amp=amp):
@@ -589,6 +592,7 @@ def evaluate(checkpoint: Path, out_dir: Path, *, data_dir: str | Path | None = N
         "data_source_files": meta.get("source_files"), "frames_per_window": frames, "windows": len(windows),
         "frames_total": source.num_frames, "frames_scored": scorer.scored_frames, "every_frame_once": True,
         "multi_human": multi, "device": str(dev), "wall_s": None,
+        "precision": "bf16 autocast" if amp and dev.type == "cuda" else "float32",
         "grouping": ("video: frames of all characters pooled; activity: mean of video means; all: mean of "
                      "activity means (Table 6)") if multi else "frame-pooled means per group",
     }
