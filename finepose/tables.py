@@ -327,7 +327,13 @@ class Builder:
         return [r for r in self.runs if r.dataset == dataset and r.source_2d == source_2d and r.variant == variant]
 
     def label(self, variant: str) -> str:
-        return str(self.variants.get(variant, {}).get("label", variant))
+        if variant in self.variants:
+            return str(self.variants[variant].get("label", variant))
+        return _builtin_variants()[1].get(variant, variant)     # a paper row this config does not define
+
+    def switches(self, variant: str) -> Mapping[str, Any]:
+        """The variant's model switches: from the config, else the built-in (paper) definition, else {}."""
+        return self.variants.get(variant) or _builtin_variants()[0].get(variant, {})
 
     def mode_header(self, mode: str, runs: Sequence[Run]) -> str:
         name = MODE_LABELS.get(mode, mode)
@@ -485,7 +491,7 @@ class Builder:
         rows, sources = [], []
         for variant in order:
             runs = self.select(dataset, source, variant)
-            info = self.variants.get(variant, {})
+            info = self.switches(variant)
             label = "Baseline (w/o Prompt)" if blocks and variant == "wo_prompt" else self.label(variant)
             row: list[Any] = [label]
             if blocks:
@@ -501,7 +507,8 @@ class Builder:
                  *self.mode_notes(all_runs)]
         if blocks:
             notes.append("FPP / FPC / PTS: the blocks the variant's model switches turn on (prompt != none, fpc, "
-                         "pts), from the workflow config.")
+                         "pts), from the workflow config (for rows it does not define, the built-in variant of "
+                         "finepose.model).")
         return Table(name, self.title(number, what), columns, rows, notes, sources)
 
     def table4(self) -> Table:
@@ -536,6 +543,13 @@ def _float(value: Any) -> float | None:
 def _mean_of(values: Mapping[str, float], keys: Sequence[str]) -> float | None:
     present = [values[k] for k in keys if k in values]
     return sum(present) / len(present) if present else None
+
+
+def _builtin_variants() -> tuple[Mapping[str, Mapping[str, Any]], Mapping[str, str]]:
+    """finepose.model's variant switches and labels (the paper's definitions)."""
+    from finepose.model.config import VARIANT_LABELS, VARIANTS
+
+    return VARIANTS, VARIANT_LABELS
 
 
 def _check(flag: Any) -> str:

@@ -176,6 +176,17 @@ def test_empty_spec_gives_all_not_run(tmp_path: Path):
     assert "No evaluation summary exists yet" in (tmp_path / "t" / "table1.md").read_text()
 
 
+def test_paper_rows_the_config_does_not_define_use_the_built_in_variants(tmp_path: Path):
+    spec = base_spec([])
+    spec["variants"] = {k: v for k, v in spec["variants"].items() if k in ("finepose", "wo_prompt")}
+    tables.build_all(spec, tmp_path / "t", base=tmp_path)
+    t5 = {r["Method"]: r for r in read_csv(tmp_path / "t" / "table5.csv")}
+    assert (t5["w FPP"]["FPP"], t5["w FPP"]["FPC"], t5["w FPP"]["PTS"]) == ("✓", "", "")
+    assert (t5["w/o PTS"]["FPP"], t5["w/o PTS"]["FPC"], t5["w/o PTS"]["PTS"]) == ("✓", "✓", "")
+    assert t5["w/o FPC"]["MPJPE↓ ours J-Best†"] == "not run"
+    assert {"M-Prompt", "S-Prompt", "C-Prompt", "AL-Prompt"} <= {r["Method"] for r in read_csv(tmp_path / "t" / "table4.csv")}
+
+
 def test_oracle_marking_follows_the_summaries(full):
     root, spec, _ = full
     tables.build_all(spec, root / "tables", base=root)
