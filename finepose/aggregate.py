@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from finepose.camera import ARIA_INTRINSICS, project, project_aria, unproject_aria
+from finepose.camera import ARIA_INTRINSICS, aria_ray_valid, project, project_aria, unproject_aria
 from finepose.io import FinePoseError
 
 MODES = ("mean", "p_best", "j_best", "p_agg", "j_agg")
@@ -238,11 +238,18 @@ def _project(points: torch.Tensor, cam: dict[str, torch.Tensor | None]) -> torch
     return project(points, cam["f"], cam["c"], cam["k"], cam["p"])
 
 
-def _normalised(keypoints_2d: torch.Tensor, cam: dict[str, torch.Tensor | None]) -> torch.Tensor:
-    """Pixels (..., 2) -> undistorted normalised image coordinates (X/Z, Y/Z) (..., 2)."""
+def _normalised(keypoints_2d: torch.Tensor, cam: dict[str, torch.Tensor | None]
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pixels (..., 2) -> (undistorted normalised image coordinates (X/Z, Y/Z) (..., 2), valid (...) or None).
+
+    For a fisheye, ``valid`` is False where a 2D point lies outside the lens' image circle
+    (no ray projects there, e.g. a joint annotated outside the image): such joints must not
+    steer the root estimate.
+    """
     if "aria" in cam:
-        return unproject_aria(keypoints_2d, cam["aria"], cam["res_w"][..., 0])
-    return _undistort((keypoints_2d - cam["c"]) / cam["f"], cam["k"], cam["p"])
+        rays = unproject_aria(keypoints_2d, cam["aria"], cam["res_w"][..., 0])
+        return rays, aria_ray_valid(keypoints_2d, rays, cam["aria"], cam["res_w"][..., 0])
+    return _undistort((keypoints_2d - cam["c"]) / cam["f"], cam["k"], cam["p"]), None
 
 
 def reproject(poses: Any, trajectory: Any, intrinsics: Any) -> Any:
@@ -281,7 +288,8 @@ def estimate_root(poses: Any, keypoints_2d: Any, intrinsics: Any, weights: Any =
     solution of (X_j + T)_x - x_j (X_j + T)_z = 0 and (X_j + T)_y - y_j (X_j + T)_z = 0 over
     joints, where (x_j, y_j) are the undistorted normalised image coordinates (X/Z, Y/Z):
     ((u - c) / f) undistorted for a pinhole camera, the unprojected ray for an Aria fisheye
-    camera. Exact for noise-free projections. ``weights`` (..., F, J) weight joints
+    camera (joints whose 2D lies outside the fisheye's image circle get weight 0). Exact for
+    noise-free projections. ``weights`` (..., F, J) weight joints
     (e.g. detector confidences; zero drops a joint).
     """
     numpy = not isinstance(poses, torch.Tensor)
@@ -289,10 +297,12 @@ def estimate_root(poses: Any, keypoints_2d: Any, intrinsics: Any, weights: Any =
     pose = given.double()                                               # solve in float64
     kp = _tensor(keypoints_2d, pose)
     cam = _camera(intrinsics, pose, extra_axes=2)
-    xy = _normalised(kp, cam)                                           # (..., F, J, 2)
+    xy, valid = _normalised(kp, cam)                                    # (..., F, J, 2)
     x, y = xy[..., 0], xy[..., 1]                                       # (..., F, J)
     X, Y, Z = pose[..., 0], pose[..., 1], pose[..., 2]
     w = torch.ones_like(x) if weights is None else _tensor(weights, pose)
+    if valid is not None:                                               # 2D outside a fisheye's image circle
+        w = w * valid.to(w.dtype)
     rx, ry = x * Z - X, y * Z - Y                                       # right-hand sides
     sw, sx, sy = w.sum(-1), (w * x).sum(-1), (w * y).sum(-1)
     sxx = (w * (x * x + y * y)).sum(-1)

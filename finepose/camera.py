@@ -148,6 +148,7 @@ def project_pinhole(points: Any, f: Any, c: Any) -> Any:
 # numpy arrays or torch tensors and broadcast the (..., 15) intrinsics against the points.
 ARIA_INTRINSICS = 15
 _ARIA_EPS = 1e-9
+_ARIA_MAX_THETA = 1.55  # rad, just inside 90 degrees: tan stays finite
 
 
 def _ops(x: Any):
@@ -209,7 +210,10 @@ def unproject_aria_raw(pixels: Any, intrinsics: Any, iterations: int = 20) -> An
     """Inverse of ``project_aria_raw`` up to depth: (..., 2) raw pixels -> (..., 2) (X/Z, Y/Z).
 
     The tangential and thin-prism terms are removed by fixed-point iteration (they are
-    small), then theta is solved from the radial polynomial by Newton's method.
+    small), then theta is solved from the radial polynomial by Newton's method, kept in
+    [0, 1.55] rad. Pixels outside the lens' image circle (beyond the polynomial's largest
+    radius, e.g. an image corner) have no inverse: the result is finite but does not
+    project back to them (``aria_ray_valid`` tells).
     """
     pixels = _float(pixels)
     _, tan, where, stack = _ops(pixels)
@@ -222,9 +226,20 @@ def unproject_aria_raw(pixels: Any, intrinsics: Any, iterations: int = 20) -> An
     theta = rho
     for _ in range(iterations):
         value, slope = _theta_polynomial(theta, k)
-        theta = theta - (value - rho) / slope
+        slope = where(slope > 1e-6, slope, slope * 0 + 1e-6)
+        theta = (theta - (value - rho) / slope).clip(0.0, _ARIA_MAX_THETA)
     safe_rho = where(rho < _ARIA_EPS, rho * 0 + 1, rho)
     return where(rho < _ARIA_EPS, xr, xr * tan(theta) / safe_rho)
+
+
+def aria_ray_valid(pixels: Any, rays: Any, intrinsics: Any, res_w: Any, tolerance_px: float = 0.5) -> Any:
+    """(..., ) bool: whether the upright rays (X/Z, Y/Z) from ``unproject_aria`` project back onto
+    the upright ``pixels`` (False outside the lens' image circle, where there is no inverse)."""
+    pixels = _float(pixels)
+    rays = _param(rays, pixels)
+    back = project_aria(_ops(rays)[3]([rays[..., 0], rays[..., 1], rays[..., 0] * 0 + 1], -1), intrinsics, res_w)
+    error = ((back - pixels) ** 2).sum(-1) ** 0.5
+    return error <= tolerance_px
 
 
 def project_aria(points: Any, intrinsics: Any, res_w: Any) -> Any:

@@ -321,3 +321,17 @@ def test_jpma_with_a_fisheye_camera(root):
         assert metrics.mpjpe(pose.numpy(), gt) < 0.25 * metrics.mpjpe(A.hypothesis_mean(hyps), gt)
     with pytest.raises(ValueError, match="16"):
         A.reproject(gt, traj, FISHEYE[:12])
+
+
+def test_fisheye_root_ignores_2d_outside_the_image_circle():
+    """A joint annotated outside the lens' image circle (no ray projects there) must not steer the root."""
+    from finepose.camera import aria_ray_valid, unproject_aria
+
+    corners = np.array([[0.0, 0.0], [1408.0, 1408.0], [-300.0, 700.0]])
+    rays = unproject_aria(corners, ARIA, 1408)
+    assert np.isfinite(rays).all() and not aria_ray_valid(corners, rays, ARIA, 1408).any()
+    gt, traj = _wide_scene(seed=5)
+    kp = A.reproject(gt, traj, FISHEYE)
+    kp[:, :, 9] = [0.0, 0.0]                                            # one joint per frame "at the corner"
+    est = A.estimate_root(gt, kp, FISHEYE)
+    np.testing.assert_allclose(est, traj, atol=1e-7)                    # the other 16 joints still pin it exactly
