@@ -198,7 +198,7 @@ def lift_tracks(model, diffusion, ckpt: dict[str, Any], tracks: list[Track], *, 
     from finepose.aggregate import estimate_root
     from finepose.data.table import Sequence
     from finepose.data.windows import ClipSource, evaluation_windows
-    from finepose.evaluate import aggregate_window_batch, intrinsics_table, predict_windows
+    from finepose.evaluate import Progress, aggregate_window_batch, intrinsics_table, predict_windows
     from finepose.skeleton import convert, get_joint_set
 
     joint_set = ckpt.get("joint_set") or "h36m17"
@@ -233,12 +233,15 @@ def lift_tracks(model, diffusion, ckpt: dict[str, Any], tracks: list[Track], *, 
     windows = evaluation_windows(source, frames_per_window)
     table, _ = intrinsics_table(source)
     buffers = {s: np.zeros((int(source.length[s]), js.num_joints, 3), np.float32) for s in range(len(sequences))}
+    bar = Progress(len(windows), "windows", f"lift {len(tracks)} track(s) H={hypotheses} M={steps}")
     for res in predict_windows(model, diffusion, source, windows, frames=frames_per_window, hypotheses=hypotheses,
                                steps=steps, flip=flip, batch_size=batch_size, seed=seed, device=device):
         agg = aggregate_window_batch(res, source, [mode], "estimate", table)     # (M, 1, b, F, J, 3)
         for i, s in enumerate(res.seq.tolist()):
             pos = np.flatnonzero(res.scored[i])
             buffers[s][res.batch.index[i, pos] - source.offset[s]] = agg[-1, 0, i, pos]
+        bar.update(len(res.index))
+    bar.close()
     out = {}
     for s, track in enumerate(tracks):
         frames, detected = spans[s]
