@@ -1,7 +1,9 @@
 """CPU kernel choices for the denoiser, with identical float32 math.
 
-On CPUs where Intel MKL does not use AVX-512 (AMD EPYC, e.g. this project's
-2-core machine), oneDNN's float32 GEMMs are about twice as fast as MKL's. PyTorch
+On some CPUs oneDNN's float32 GEMMs are much faster than MKL's (about twice, on the
+AMD EPYC this project measured on 2026-11-22); on others they are equal (another
+2-core EPYC with AVX2, 2026-11-29: ~145 GFLOP/s each on the model's shapes; see
+``benchmarks/model.py``'s ``cpu_fp32_gemm_ceiling``). PyTorch
 routes float32 matmuls to oneDNN when ``torch.backends.mkldnn.matmul.fp32_precision``
 is ``"bf16"`` — a hint that *allows* bf16 down-conversion. Only CPUs with AMX
 actually down-convert; elsewhere oneDNN computes in float32. :func:`cpu_kernels`
