@@ -95,7 +95,7 @@ def cpu_gemm_ceiling(width: int = 512, mlp_ratio: float = 2.0, repeats: int = 10
     hidden = int(width * mlp_ratio)
     backend = torch.backends.mkldnn.matmul
     previous = backend.fp32_precision
-    shapes = [(k, n) for k, n in ((width, 3 * width), (width, width), (width, hidden), (hidden, width))]
+    shapes = ((width, 3 * width), (width, width), (width, hidden), (hidden, width))  # qkv, proj, fc1, fc2
     rates: dict[str, dict[str, float]] = {}
     try:
         for routing, precision in (("mkl", "none"), ("onednn", "bf16")):

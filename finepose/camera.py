@@ -186,6 +186,18 @@ def _aria_tangential(xr: Any, tangential: Any, prism: Any, stack) -> Any:
     return offset + prism_uv
 
 
+def rotate_3d_to_upright(points: Any) -> Any:
+    """(..., 3) unrotated Aria sensor frame -> upright image frame: X' = -Y, Y' = X, Z' = Z."""
+    points = _float(points)
+    return _ops(points)[3]([-points[..., 1], points[..., 0], points[..., 2]], -1)
+
+
+def rotate_3d_to_raw(points: Any) -> Any:
+    """Inverse of ``rotate_3d_to_upright``: X = Y', Y = -X'."""
+    points = _float(points)
+    return _ops(points)[3]([points[..., 1], -points[..., 0], points[..., 2]], -1)
+
+
 def project_aria_raw(points: Any, intrinsics: Any) -> Any:
     """(..., 3) points in the unrotated sensor frame -> (..., 2) raw fisheye pixels.
 
@@ -244,11 +256,9 @@ def aria_ray_valid(pixels: Any, rays: Any, intrinsics: Any, res_w: Any, toleranc
 
 def project_aria(points: Any, intrinsics: Any, res_w: Any) -> Any:
     """(..., 3) upright camera-frame points -> (..., 2) upright pixels (image ``res_w`` pixels wide)."""
-    points = _float(points)
-    stack = _ops(points)[3]
-    raw = project_aria_raw(stack([points[..., 1], -points[..., 0], points[..., 2]], -1), intrinsics)
+    raw = project_aria_raw(rotate_3d_to_raw(points), intrinsics)
     w = _param(res_w, raw)
-    return stack([w - raw[..., 1], raw[..., 0]], -1)
+    return _ops(raw)[3]([w - raw[..., 1], raw[..., 0]], -1)
 
 
 def unproject_aria(pixels: Any, intrinsics: Any, res_w: Any, iterations: int = 20) -> Any:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from collections import defaultdict
@@ -130,9 +131,6 @@ def _intrinsics_vector(info: Mapping[str, Any]) -> np.ndarray:
     if (info.get("model") or "pinhole") == "fisheye_aria":
         from finepose.data.egohumans import aria_intrinsics_from_row
 
-        k, p = info.get("k"), info.get("p")
-        if k is None or p is None or len(k) != 6 or len(p) != 6:
-            raise ValueError("the fisheye_aria row lacks its 6 radial (k) and 6 tangential/thin-prism (p) terms")
         return np.append(aria_intrinsics_from_row(info), float(info["res_w"]))
     cam = intrinsics_from_row(info)
     k = cam["k"] if cam["k"] is not None and len(cam["k"]) == 3 else np.zeros(3)
@@ -478,7 +476,7 @@ class Progress:
 
 
 def _clock(seconds: float) -> str:
-    if seconds != seconds:  # NaN: no rate yet
+    if math.isnan(seconds):  # no rate yet
         return "?"
     seconds = int(round(seconds))
     return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

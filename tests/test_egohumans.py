@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from finepose import camera
 from finepose.data import egohumans as ego
 from finepose.data.synthetic import EGO_JSON, generate
 from finepose.data.table import load_cameras, load_sequences, read_metadata
@@ -62,10 +63,10 @@ def prepared(raw, tmp_path) -> tuple[Path, Path, dict[str, str]]:
 
 def test_rotation_between_sensor_and_upright_frames():
     points = np.random.default_rng(0).normal(size=(5, 3))
-    up = ego.rotate_3d_to_upright(points)
+    up = camera.rotate_3d_to_upright(points)
     assert np.allclose(up[:, 0], -points[:, 1]) and np.allclose(up[:, 1], points[:, 0])
     assert np.allclose(up[:, 2], points[:, 2])
-    assert np.allclose(ego.rotate_3d_to_raw(up), points)
+    assert np.allclose(camera.rotate_3d_to_raw(up), points)
 
 
 def test_fisheye_projection_matches_pixel_rotation():
@@ -73,16 +74,16 @@ def test_fisheye_projection_matches_pixel_rotation():
     intr = np.array([610.0, 715.0, 705.0, 0.4, -0.46, 0.2, 0.05, -0.06, 0.01, 2e-4, -1.5e-4, -3e-4, 1e-5, 2e-4, -1e-5])
     rng = np.random.default_rng(1)
     raw = np.concatenate([rng.uniform(-1.5, 1.5, size=(50, 2)), rng.uniform(0.5, 4.0, size=(50, 1))], axis=1)
-    uv_raw = ego.project_aria_raw(raw, intr)
+    uv_raw = camera.project_aria_raw(raw, intr)
     row = {"res_w": 1408, "res_h": 1408, **ego.camera_row_intrinsics(intr, 1408)}
     assert np.allclose(ego.aria_intrinsics_from_row(row), intr)
-    uv_up = ego.project_fisheye_aria(ego.rotate_3d_to_upright(raw), row)
+    uv_up = ego.project_fisheye_aria(camera.rotate_3d_to_upright(raw), row)
     assert np.allclose(uv_up[:, 0], 1408 - uv_raw[:, 1]) and np.allclose(uv_up[:, 1], uv_raw[:, 0])
     # on the optical axis: the principal point; behind the camera: (-1, -1) as in the official code
-    assert np.allclose(ego.project_aria_raw(np.array([0.0, 0.0, 2.0]), intr), intr[1:3])
-    assert np.allclose(ego.project_aria_raw(np.array([0.3, 0.1, -1.0]), intr), -1.0)
+    assert np.allclose(camera.project_aria_raw(np.array([0.0, 0.0, 2.0]), intr), intr[1:3])
+    assert np.allclose(camera.project_aria_raw(np.array([0.3, 0.1, -1.0]), intr), -1.0)
     # radially symmetric part: a wider angle lands further out (fisheye, monotonic in theta)
-    radius = np.linalg.norm(ego.project_aria_raw(np.array([[np.tan(a), 0, 1] for a in (0.2, 0.6, 1.0, 1.3)]), intr)
+    radius = np.linalg.norm(camera.project_aria_raw(np.array([[np.tan(a), 0, 1] for a in (0.2, 0.6, 1.0, 1.3)]), intr)
                             - intr[1:3], axis=1)
     assert np.all(np.diff(radius) > 0)
 

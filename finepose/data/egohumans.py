@@ -46,7 +46,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from finepose.camera import project_aria, project_aria_raw  # noqa: F401 - project_aria_raw re-exported
+from finepose.camera import project_aria, rotate_3d_to_upright
 from finepose.data.table import (
     CAMERAS_FILE,
     FRAMES_FILE,
@@ -73,18 +73,6 @@ _VIDEO_NAME = re.compile(r"^(?P<activity>[a-z]+)_(?P<seq>\d+_[a-z]+)_(?P<camera>
 
 # --------------------------------------------------------------------------- geometry
 
-def rotate_3d_to_upright(points: np.ndarray) -> np.ndarray:
-    """(..., 3) unrotated Aria sensor frame -> upright image frame: X' = -Y, Y' = X, Z' = Z."""
-    points = np.asarray(points, dtype=np.float64)
-    return np.stack([-points[..., 1], points[..., 0], points[..., 2]], axis=-1)
-
-
-def rotate_3d_to_raw(points: np.ndarray) -> np.ndarray:
-    """Inverse of ``rotate_3d_to_upright``: X = Y', Y = -X'."""
-    points = np.asarray(points, dtype=np.float64)
-    return np.stack([points[..., 1], -points[..., 0], points[..., 2]], axis=-1)
-
-
 def camera_row_intrinsics(intrinsics: np.ndarray, res_w: int) -> dict[str, Any]:
     """15 Aria intrinsics (unrotated) -> the camera-table fields (upright encoding, see the module docstring)."""
     intr = [float(v) for v in intrinsics]
@@ -96,6 +84,10 @@ def aria_intrinsics_from_row(row: Mapping[str, Any]) -> np.ndarray:
     if row.get("fx") is None:
         raise ValueError(f"camera {row.get('camera')} of {row.get('subject')} has no intrinsics "
                          f"(intrinsics_source {row.get('intrinsics_source')!r})")
+    k, p = row.get("k"), row.get("p")
+    if k is None or p is None or len(k) != 6 or len(p) != 6:
+        raise ValueError(f"camera {row.get('camera')} of {row.get('subject')}: the fisheye_aria row lacks its 6 "
+                         "radial (k) and 6 tangential/thin-prism (p) terms")
     return np.array([row["fx"], row["cy"], row["res_w"] - row["cx"], *row["k"], *row["p"]], dtype=np.float64)
 
 

@@ -814,7 +814,7 @@ _ARIA_SLAM = np.array([241.0, 318.0, 238.0, 0.03, -0.02, 0.01, 0.0, 0.0, 0.0, 1e
 
 def write_egohumans(folder: Path, seed: int, scale: Scale) -> dict[str, Any]:
     """benchmark ego-RGB COCO json (+ the 003_fencing-style duplicate) and per-frame Aria calibration files."""
-    from finepose.data.egohumans import project_aria_raw, rotate_3d_to_upright
+    from finepose.camera import project_aria_raw, rotate_3d_to_upright
 
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
