@@ -48,12 +48,10 @@ import numpy as np
 
 from finepose.camera import project_aria, rotate_3d_to_upright
 from finepose.data.table import (
-    CAMERAS_FILE,
-    FRAMES_FILE,
     build_camera_table,
     build_frame_table,
     is_up_to_date,
-    write_table,
+    write_dataset,
 )
 from finepose.io import FinePoseError, sha256_file
 
@@ -331,8 +329,7 @@ def prepare(raw_dir: Path, out_dir: Path, *, force: bool = False, activities: It
     frames_table = build_frame_table(table_columns, NUM_JOINTS, metadata)
     cameras_table = build_camera_table(camera_rows, {k: metadata[k] for k in (
         "dataset", "reader", "reader_version", "camera_model", "reprojection_available")})
-    write_table(cameras_table, out_dir / CAMERAS_FILE)
-    write_table(frames_table, out_dir / FRAMES_FILE)
+    write_dataset(out_dir, frames_table, cameras_table, raw_dir=raw_dir)  # both tables, then manifest.json
     log.info("egohumans: wrote %d rows (%d tracks, %d videos) to %s", frames_table.num_rows, len(per_track),
              len(videos), out_dir)
     return {**report, "up_to_date": False, "rows": frames_table.num_rows, "sequences": len(per_track),

@@ -612,9 +612,7 @@ def prepare(raw_dir: Path, out_dir: Path, *, force: bool = False, layout: str = 
                    for subj in counts["subjects"] for cid in counts["cameras"][subj]]
     cameras = table.build_camera_table(camera_rows, {k: metadata[k] for k in (
         "dataset", "reader", "reader_version", "source_files", "calibration")})
-    # cameras first: frames.parquet (with source_files) is what marks the folder complete
-    table.write_table(cameras, out_dir / table.CAMERAS_FILE)
-    table.write_table(frames, out_dir / table.FRAMES_FILE)
+    table.write_dataset(out_dir, frames, cameras, raw_dir=raw_dir)  # both tables, then manifest.json
     report = {"dataset": DATASET, "layout": layout, "out": str(out_dir), "up_to_date": False, **counts,
               "skipped": raw.notes.get("skipped", []), "trimmed": raw.notes.get("trimmed", []),
               "seconds": round(time.perf_counter() - started, 3)}

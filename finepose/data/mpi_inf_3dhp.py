@@ -36,12 +36,10 @@ from typing import Any, Iterable
 import numpy as np
 
 from finepose.data.table import (
-    CAMERAS_FILE,
-    FRAMES_FILE,
     build_camera_table,
     build_frame_table,
     is_up_to_date,
-    write_table,
+    write_dataset,
 )
 from finepose.io import FinePoseError, sha256_file
 
@@ -516,9 +514,7 @@ def prepare(raw_dir: Path, out_dir: Path, *, force: bool = False,
     }
     frames = build_frame_table(table_columns, NUM_JOINTS, metadata)
     cameras = build_camera_table(camera_rows, {k: metadata[k] for k in ("dataset", "reader", "reader_version")})
-    # cameras first: frames.parquet carries the up-to-date stamp, so a crash in between reruns cleanly
-    write_table(cameras, out_dir / CAMERAS_FILE)
-    write_table(frames, out_dir / FRAMES_FILE)
+    write_dataset(out_dir, frames, cameras, raw_dir=raw_dir)  # both tables, then manifest.json
     log.info("mpi_inf_3dhp: wrote %d rows (%d sequences) to %s", frames.num_rows, len(per_sequence), out_dir)
     return {**report, "up_to_date": False, "rows": frames.num_rows, "sequences": len(per_sequence),
             "per_sequence": per_sequence, "nan_frames": sum(v["nan_frames"] for v in per_sequence.values())}

@@ -32,23 +32,55 @@ Schema metadata (key ``finepose``) is a JSON object with at least:
 ``dataset``, ``joint_set`` (a name in ``finepose.skeleton``), ``units``,
 ``sources_2d`` (list of detector source names), ``source_files``
 ({relative path: sha256}), ``reader`` (module) and ``reader_version``.
+
+One dataset, one commit
+-----------------------
+A reader writes its two tables with :func:`write_dataset`, which commits them as
+one unit: both tables are written to temporary files, the old ``manifest.json``
+is removed, both are renamed into place, and a new ``manifest.json`` is written
+last. The manifest records each table's sha256 and size, the input identity
+(``source_files``, ``reader``, ``reader_version``, ``options``, the release
+folder) and a random ``commit`` id that both tables also carry in their metadata
+(key ``commit``). So a kill or a full disk at any point leaves either the
+previous complete dataset or a folder that every reader refuses:
+
+* :func:`is_up_to_date` (a rerun of prepare) accepts the folder only when the
+  manifest matches the inputs and both tables' sizes and sha256;
+* :func:`read_metadata`, :func:`read_table`, :func:`load_sequences` and
+  :func:`load_cameras` check that a table carrying a commit id belongs to the
+  folder's manifest (commit id and size), and otherwise say which prepare
+  command to run.
+
+Tables written on their own with :func:`write_table` (tests, other tools, output
+of earlier versions) carry no commit id and are read as they are.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from finepose.io import FinePoseError, atomic_path
+from finepose.io import FinePoseError, atomic_path, atomic_write_json, remove_stale_temps, sha256_file
+
+log = logging.getLogger(__name__)
 
 METADATA_KEY = b"finepose"
 FRAMES_FILE = "frames.parquet"
 CAMERAS_FILE = "cameras.parquet"
+MANIFEST_FILE = "manifest.json"
+LOCK_FILE = ".prepare.lock"
+MANIFEST_FORMAT = 1
+_TABLE_FILES = (CAMERAS_FILE, FRAMES_FILE)
+_PARQUET_TMP = ".parquet.tmp"
 STRING_COLUMNS = ("dataset", "split", "subject", "action", "sequence", "camera", "person")
 SOURCE_PREFIX = "keypoints_2d_"
 CONFIDENCE_PREFIX = "confidence_2d_"
@@ -111,16 +143,147 @@ def build_frame_table(
     return table.replace_schema_metadata({METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
 
 
+def _write_parquet(table: pa.Table, path: str | Path) -> None:
+    # Row groups of 64k rows keep column statistics fine-grained, so subject/split
+    # filters in load_sequences skip most of a large table instead of scanning it.
+    pq.write_table(table, path, compression="zstd", row_group_size=1 << 16)
+
+
 def write_table(table: pa.Table, path: str | Path) -> None:
-    """Write a Parquet file atomically (temp file in the same folder, then rename)."""
-    with atomic_path(path, suffix=".parquet.tmp") as tmp:
-        # Row groups of 64k rows keep column statistics fine-grained, so subject/split
-        # filters in load_sequences skip most of a large table instead of scanning it.
-        pq.write_table(table, tmp, compression="zstd", row_group_size=1 << 16)
+    """Write a Parquet file atomically (temp file in the same folder, then rename).
+
+    For a dataset's frames and cameras tables use :func:`write_dataset`, which
+    commits the two together.
+    """
+    with atomic_path(path, suffix=_PARQUET_TMP) as tmp:
+        _write_parquet(table, tmp)
+
+
+def _table_meta(table: pa.Table) -> dict[str, Any]:
+    raw = (table.schema.metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def _with_meta(table: pa.Table, **extra: Any) -> pa.Table:
+    meta = {**_table_meta(table), **extra}
+    return table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                          METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
+
+
+@contextlib.contextmanager
+def _writer_lock(out_dir: Path) -> Iterator[None]:
+    """One prepare at a time writes into ``out_dir`` (flock on ``out_dir/.prepare.lock``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = out_dir / LOCK_FILE
+    with open(lock_path, "a+b") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FinePoseError(f"another prepare is writing into {out_dir} (it holds {lock_path}); "
+                                "wait for it to finish, then run again") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """Delete the temporary files a killed earlier prepare left in ``out_dir`` (our own names only)."""
+    for path in remove_stale_temps(out_dir, (*_TABLE_FILES, MANIFEST_FILE)):
+        log.info("removed %s, left by an interrupted earlier run", path)
+
+
+def _prepare_command(out_dir: Path, dataset: str | None, raw_dir: str | None) -> str:
+    return (f"python -m finepose prepare --dataset {dataset or '<dataset>'} --raw {raw_dir or '<release folder>'} "
+            f"--out {out_dir}")
+
+
+def write_dataset(out_dir: str | Path, frames: pa.Table, cameras: pa.Table, *,
+                  raw_dir: str | Path | None = None) -> dict[str, Any]:
+    """Commit a dataset's frames and cameras tables as one unit; returns the manifest.
+
+    Both tables go to temporary files first (a full disk here leaves the previous
+    dataset exactly as it was), then the old manifest is removed, both tables are
+    renamed into place and the new manifest is written last. The input identity
+    recorded in the manifest is taken from the frames table's metadata.
+    """
+    out_dir = Path(out_dir)
+    meta = _table_meta(frames)
+    commit = uuid.uuid4().hex
+    frames, cameras = _with_meta(frames, commit=commit), _with_meta(cameras, commit=commit)
+    with _writer_lock(out_dir):
+        _remove_leftovers(out_dir)
+        manifest_path = out_dir / MANIFEST_FILE
+        entries: dict[str, dict[str, Any]] = {}
+        with atomic_path(out_dir / CAMERAS_FILE, suffix=_PARQUET_TMP) as cameras_tmp, \
+                atomic_path(out_dir / FRAMES_FILE, suffix=_PARQUET_TMP) as frames_tmp:
+            for name, data, tmp in ((CAMERAS_FILE, cameras, cameras_tmp), (FRAMES_FILE, frames, frames_tmp)):
+                _write_parquet(data, tmp)
+                entries[name] = {"sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}
+            # From here until the new manifest exists the folder reads as "not committed".
+            manifest_path.unlink(missing_ok=True)
+        manifest = {
+            "format": MANIFEST_FORMAT, "commit": commit, "dataset": meta.get("dataset"),
+            "reader": meta.get("reader"), "reader_version": meta.get("reader_version"),
+            "options": meta.get("options", {}), "source_files": meta.get("source_files", {}),
+            "raw": str(Path(raw_dir).resolve()) if raw_dir is not None else None, "tables": entries,
+        }
+        atomic_write_json(manifest_path, manifest)
+    return manifest
+
+
+def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+    """``data_dir/manifest.json``, checked for shape; a FinePoseError saying what to run when absent or damaged."""
+    data_dir = Path(data_dir)
+    path = data_dir / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FinePoseError(
+            f"{data_dir}: no {MANIFEST_FILE}, so its tables were never committed together (prepare was "
+            f"interrupted, or the tables were copied in by hand); run `{_prepare_command(data_dir, None, None)}` "
+            "(no --force needed: it rebuilds what is not committed)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FinePoseError(f"{path}: unreadable ({exc}); run `{_prepare_command(data_dir, None, None)}` "
+                            "to rebuild the dataset") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("tables"), dict) or "commit" not in manifest:
+        raise FinePoseError(f"{path}: not a finepose dataset manifest; run "
+                            f"`{_prepare_command(data_dir, None, None)}` to rebuild the dataset")
+    return manifest
+
+
+def _check_committed(path: Path, meta: Mapping[str, Any]) -> None:
+    """A frames/cameras table must belong to its folder's manifest (same commit id and size)."""
+    if path.name not in _TABLE_FILES:
+        return
+    manifest_path = path.parent / MANIFEST_FILE
+    commit = meta.get("commit")
+    if commit is None and not manifest_path.exists():
+        return  # a table written on its own (write_table): nothing to check it against
+    if commit is not None and not manifest_path.exists():
+        raise FinePoseError(
+            f"{path}: the dataset in {path.parent} is incomplete: {MANIFEST_FILE} is missing, so prepare was "
+            f"interrupted while replacing the tables; run `{_prepare_command(path.parent, meta.get('dataset'), None)}` "
+            "(no --force needed: it rebuilds what is not committed)")
+    manifest = read_manifest(path.parent)
+    entry = manifest["tables"].get(path.name)
+    size = path.stat().st_size
+    if manifest.get("commit") != commit or not isinstance(entry, dict) or entry.get("bytes") != size:
+        why = ("is not listed in it" if not isinstance(entry, dict)
+               else f"has {size} bytes, the manifest says {entry.get('bytes')}" if entry.get("bytes") != size
+               else "comes from another prepare run than the manifest")
+        command = _prepare_command(path.parent, manifest.get("dataset") or meta.get("dataset"), manifest.get("raw"))
+        raise FinePoseError(
+            f"{path} does not belong to the dataset recorded in {manifest_path}: it {why} (an interrupted prepare, "
+            f"or files copied in by hand). Run `{command}` (no --force needed: it rebuilds what is not committed)")
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The ``finepose`` schema metadata of a Parquet file, without reading its rows."""
+    """The ``finepose`` schema metadata of a Parquet file, without reading its rows.
+
+    A dataset table (frames/cameras) that carries a commit id is checked against
+    its folder's manifest first (see "One dataset, one commit" above).
+    """
     path = Path(path)
     if not path.exists():
         raise FinePoseError(f"{path}: no such file; run `python -m finepose prepare` for this dataset first")
@@ -129,28 +292,43 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # pyarrow raises several types for damaged files
         raise FinePoseError(f"{path}: not a readable Parquet file ({exc}); delete it and rerun prepare") from exc
     raw = (schema.metadata or {}).get(METADATA_KEY)
-    return json.loads(raw) if raw else {}
+    meta = json.loads(raw) if raw else {}
+    _check_committed(path, meta)
+    return meta
 
 
 def is_up_to_date(out_dir: str | Path, source_files: Mapping[str, str], reader_version: str,
                   options: Mapping[str, Any] | None = None) -> bool:
-    """True when ``out_dir`` already holds tables made from exactly these inputs.
+    """True when ``out_dir`` holds a committed dataset made from exactly these inputs.
 
-    Readers call this first so that a second run on unchanged input is a no-op.
+    Readers call this first so that a second run on unchanged input is a no-op. The
+    manifest must match the inputs, and both tables must match the manifest (size,
+    sha256, commit id); anything else (no manifest, a table from another run, a
+    damaged file) means "rebuild". Temporary files a killed earlier run left in
+    ``out_dir`` are removed here (when no other prepare is writing there).
     """
     out_dir = Path(out_dir)
-    frames, cameras = out_dir / FRAMES_FILE, out_dir / CAMERAS_FILE
-    if not (frames.exists() and cameras.exists()):
-        return False
+    if out_dir.is_dir():
+        with contextlib.suppress(FinePoseError):
+            with _writer_lock(out_dir):
+                _remove_leftovers(out_dir)
     try:
-        meta = read_metadata(frames)
+        manifest = read_manifest(out_dir)
     except FinePoseError:
         return False
-    return (
-        meta.get("source_files") == dict(source_files)
-        and meta.get("reader_version") == reader_version
-        and meta.get("options", {}) == dict(options or {})
-    )
+    if (manifest.get("source_files") != dict(source_files) or manifest.get("reader_version") != reader_version
+            or manifest.get("options", {}) != json.loads(json.dumps(dict(options or {})))):
+        return False
+    for name in _TABLE_FILES:
+        path, entry = out_dir / name, manifest["tables"].get(name)
+        try:
+            if not isinstance(entry, dict) or path.stat().st_size != entry.get("bytes"):
+                return False
+            if sha256_file(path) != entry.get("sha256") or read_metadata(path).get("commit") != manifest["commit"]:
+                return False
+        except (OSError, FinePoseError):
+            return False
+    return True
 
 
 def read_table(path: str | Path, columns: Iterable[str] | None = None,
