@@ -177,14 +177,19 @@ def reading_release_file(path: str | os.PathLike, kind: str) -> Iterator[None]:
         yield
     except FinePoseError:
         raise
-    except (PermissionError, FileNotFoundError, IsADirectoryError) as exc:
-        raise FinePoseError(f"{path}: cannot read this {kind} file ({exc.strerror or exc})") from exc
     except Exception as exc:  # noqa: BLE001 - every decoder failure means a damaged file
-        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        raise FinePoseError(
-            f"{path}: truncated or corrupt {kind} file ({type(exc).__name__}{': ' + detail if detail else ''}); "
-            + REFETCH_HINT
-        ) from exc
+        raise release_file_error(path, kind, exc) from exc
+
+
+def release_file_error(path: str | os.PathLike, kind: str, exc: BaseException) -> FinePoseError:
+    """The FinePoseError for a release file whose decoder raised ``exc`` (see :func:`reading_release_file`)."""
+    if isinstance(exc, FinePoseError):
+        return exc
+    if isinstance(exc, (PermissionError, FileNotFoundError, IsADirectoryError)):
+        return FinePoseError(f"{path}: cannot read this {kind} file ({exc.strerror or exc})")
+    text = str(exc).strip()
+    detail = f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
+    return FinePoseError(f"{path}: truncated or corrupt {kind} file ({detail}); {REFETCH_HINT}")
 
 
 def load_npz(path: str | os.PathLike, key: str, *, shown: str | None = None,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -167,9 +168,14 @@ def test_without_calibration_intrinsics_are_missing(raw, tmp_path):
     assert read_metadata(tmp_path / "out" / "frames.parquet")["reprojection_available"] is False
 
 
-def test_one_camera_without_calibration(raw, tmp_path):
+def test_one_camera_without_calibration(raw, tmp_path, caplog):
     shutil.rmtree(raw / "02_legoassemble" / "001_legoassemble" / "ego" / "aria02" / "calib")
-    report = ego.prepare(raw, tmp_path / "out")
+    with caplog.at_level(logging.WARNING, logger="finepose.data.egohumans"):
+        report = ego.prepare(raw, tmp_path / "out")
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "no Aria calibration for 1 camera(s) (001_legoassemble/aria02)" in warning.getMessage()
+    assert str(raw / "02_legoassemble" / "001_legoassemble" / "ego" / "aria02" / "calib" / "*.txt") \
+        in warning.getMessage()
     cams = load_cameras(tmp_path / "out")
     assert cams[("001_legoassemble", "aria02")]["intrinsics_source"] == "missing"
     assert cams[("001_legoassemble", "aria01")]["intrinsics_source"] == "calibration"

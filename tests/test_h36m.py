@@ -473,3 +473,53 @@ def test_camera_missing_from_calibration(earlier, small_raw):
     with pytest.raises(FinePoseError, match=r"58860488 of S11 is missing from the calibration cameras\.h5"):
         prepare(small_raw, out)
     intact()
+
+
+# --- damaged release files: a clean error naming the file, never a decoder's traceback -----------
+
+def _tiny_videopose3d(folder, seed=0):
+    from finepose.data import synthetic
+
+    scale = synthetic.Scale(1, 1, 12, ("S1",), 1, 10, 10, 1, 10)  # 7 subjects x 1 take x 12 frames
+    synthetic.write_h36m_videopose3d(folder, synthetic.h36m_takes(seed, scale), seed)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["data_3d_h36m.npz", "data_2d_h36m_det.npz"])
+def test_byte_flips_in_an_npz_give_a_clean_error_or_a_valid_result(tmp_path, name):
+    raw = _tiny_videopose3d(tmp_path / "raw")
+    out = tmp_path / "out"
+    prepare(raw, out, progress=False)
+    before = {p.name: sha256_file(p) for p in out.iterdir()}
+    good = (raw / name).read_bytes()
+    size = len(good)
+    # every byte of the zip and npy headers at both ends, and 120 offsets spread over the data
+    offsets = sorted(set(range(0, min(160, size))) | set(range(max(0, size - 160), size))
+                     | set(np.linspace(0, size - 1, 120).astype(int).tolist()))
+    outcomes = {"error": 0, "valid": 0}
+    for offset in offsets:
+        data = bytearray(good)
+        data[offset] ^= 0xFF
+        (raw / name).write_bytes(bytes(data))
+        try:
+            report = prepare(raw, out, progress=False)
+        except FinePoseError as exc:  # anything else fails the test with its traceback
+            assert name in str(exc), (offset, str(exc))
+            assert {p.name: sha256_file(p) for p in out.iterdir()} == before, offset  # earlier output intact
+            outcomes["error"] += 1
+        else:
+            assert report["rows"] > 0 and len(table.load_sequences(out, "det")) == 7 * 4
+            outcomes["valid"] += 1
+            before = {p.name: sha256_file(p) for p in out.iterdir()}
+    assert outcomes["error"] > len(offsets) // 2, outcomes
+
+
+def test_corrupt_npz_message_says_how_to_fix(tmp_path):
+    raw = _tiny_videopose3d(tmp_path / "raw")
+    path = raw / "data_3d_h36m.npz"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(FinePoseError, match=r"data_3d_h36m\.npz: truncated or corrupt npz file \(.*\); fetch it "
+                                            r"again .*sha256"):
+        prepare(raw, tmp_path / "out", progress=False)

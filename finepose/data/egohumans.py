@@ -53,7 +53,7 @@ from finepose.data.table import (
     is_up_to_date,
     write_dataset,
 )
-from finepose.io import FinePoseError, sha256_file
+from finepose.io import FinePoseError, release_file_error, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +143,8 @@ def load_json(path: Path) -> dict[str, Any]:
             data = json.load(handle)
     except FileNotFoundError as exc:
         raise FinePoseError(f"{path}: no such file") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FinePoseError(f"{path}: truncated or corrupt JSON ({exc}); "
-                            "re-download the benchmark annotations") from exc
+    except Exception as exc:  # noqa: BLE001 - JSONDecodeError, UnicodeDecodeError, RecursionError, MemoryError...
+        raise release_file_error(path, "JSON", exc) from exc
     if not isinstance(data, dict) or not {"images", "annotations"} <= set(data):
         raise FinePoseError(f"{path}: not a COCO keypoint file (needs 'images' and 'annotations')")
     return data
@@ -307,6 +306,12 @@ def prepare(raw_dir: Path, out_dir: Path, *, force: bool = False, activities: It
             f"no Aria calibration (ego/ariaNN/calib/*.txt under {root}) for {len(missing)} camera(s) "
             f"({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}): intrinsics_source 'missing'; "
             "reprojection-based aggregation (JPMA: P-Agg, J-Agg) is unavailable for them")
+        expected = sorted({str(root / info["big"] / info["seq"] / "ego" / info["camera"] / "calib" / "*.txt")
+                           for info in videos.values() if (info["seq"], info["camera"]) not in calib_files})
+        log.warning("egohumans: no Aria calibration for %d camera(s) (%s); looked for %s. Their intrinsics are "
+                    "'missing' and JPMA's reprojection-based aggregation (P-Agg, J-Agg) is unavailable for them; "
+                    "put the calib/*.txt files there, or pass --option data_root=DIR, and rerun prepare",
+                    len(missing), ", ".join(missing), ", ".join(expected))
     if counts["duplicates_dropped"]:
         report["notes"].append(f"dropped {counts['duplicates_dropped']} duplicate annotations (same file_name and "
                                "human_name; the joined benchmark file repeats a subsequence)")

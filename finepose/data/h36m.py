@@ -38,7 +38,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -49,7 +48,7 @@ import pyarrow.parquet as pq
 from finepose import camera as cam_mod
 from finepose import skeleton
 from finepose.data import table
-from finepose.io import FinePoseError, sha256_file
+from finepose.io import FinePoseError, load_npz, reading_release_file, release_file_error, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -140,32 +139,16 @@ class _Raw:
 def _read_h5(path: Path, rel: str, dataset: str) -> np.ndarray:
     import h5py
 
-    try:
+    with reading_release_file(rel, "HDF5"):
         with h5py.File(path, "r") as handle:
             if dataset not in handle:
                 raise FinePoseError(f"{rel}: no dataset {dataset!r} (found {', '.join(handle.keys()) or 'nothing'}); "
                                     "not a Human3.6M file of the 3d-pose-baseline layout")
             return handle[dataset][()]
-    except FinePoseError:
-        raise
-    except (OSError, KeyError, ValueError, RuntimeError) as exc:
-        raise FinePoseError(f"{rel}: truncated or corrupt HDF5 file ({exc}); fetch it again") from exc
 
 
 def _load_npz(path: Path, rel: str, key: str) -> Any:
-    try:
-        with np.load(path, allow_pickle=True) as npz:
-            if key not in npz.files:
-                raise FinePoseError(f"{rel}: no array {key!r} (found {', '.join(npz.files) or 'nothing'}); "
-                                    "not a VideoPose3D Human3.6M npz file")
-            value = npz[key]
-    except FinePoseError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, TypeError) as exc:
-        raise FinePoseError(f"{rel}: truncated or corrupt npz file ({type(exc).__name__}: {exc}); fetch it again") from exc
-    if value.dtype == object and value.shape == ():
-        value = value.item()
-    return value
+    return load_npz(path, key, shown=rel, expected="a VideoPose3D Human3.6M npz file")
 
 
 # --- layout detection and file discovery ----------------------------------------------------
@@ -265,8 +248,8 @@ def _read_cameras_h5(path: Path, rel: str) -> dict[tuple[str, str], cam_mod.Came
                     )
     except FinePoseError:
         raise
-    except (OSError, KeyError, ValueError, RuntimeError) as exc:
-        raise FinePoseError(f"{rel}: truncated or corrupt camera calibration ({exc}); fetch it again") from exc
+    except Exception as exc:  # noqa: BLE001 - any decoder failure: a damaged file
+        raise release_file_error(rel, "HDF5 camera calibration", exc) from exc
     return out
 
 

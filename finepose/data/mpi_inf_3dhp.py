@@ -41,7 +41,7 @@ from finepose.data.table import (
     is_up_to_date,
     write_dataset,
 )
-from finepose.io import FinePoseError, sha256_file
+from finepose.io import FinePoseError, release_file_error, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def _read_mat_v5(path: Path, names: list[str]) -> dict[str, Any]:
     try:
         data = scipy.io.loadmat(str(path), variable_names=names)
     except Exception as exc:  # scipy raises ValueError, OSError, TypeError... for damaged files
-        raise FinePoseError(f"{path}: truncated or corrupt MATLAB v5 file ({exc}); re-download it") from exc
+        raise release_file_error(path, "MATLAB v5", exc) from exc
     missing = [n for n in names if n not in data]
     if missing:
         raise FinePoseError(f"{path}: variable(s) {', '.join(missing)} missing; is this the right annotation file?")
@@ -119,7 +119,7 @@ def _read_mat_v73(path: Path, names: list[str]) -> dict[str, Any]:
     except FinePoseError:
         raise
     except Exception as exc:  # OSError (truncated), KeyError (dangling refs)...
-        raise FinePoseError(f"{path}: truncated or corrupt MATLAB v7.3 (HDF5) file ({exc}); re-download it") from exc
+        raise release_file_error(path, "MATLAB v7.3 (HDF5)", exc) from exc
 
 
 def _h5_to_matlab(f, dataset) -> Any:
