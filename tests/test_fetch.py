@@ -508,6 +508,93 @@ def test_unsafe_members_are_rejected_with_nothing_written(tmp_path, fmt, kind, w
     assert archive.exists()  # the user's archive is never deleted
 
 
+def _tar_with(tmp_path, build) -> Path:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        def add(name: str, data: bytes = b"", **attrs) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            for key, value in attrs.items():
+                setattr(info, key, value)
+            tar.addfile(info, io.BytesIO(data) if data else None)
+
+        build(add)
+    archive = tmp_path / "release.tar.gz"
+    archive.write_bytes(buffer.getvalue())
+    return archive
+
+
+def test_tar_goes_through_tarfiles_data_filter(tmp_path, monkeypatch):
+    seen = []
+    real = tarfile.data_filter
+
+    def spy(member, dest):
+        seen.append(member.name)
+        return real(member, dest)
+
+    monkeypatch.setattr(tarfile, "data_filter", spy)
+
+    def build(add):
+        add("release/run.sh", b"#!/bin/sh\n", mode=0o6775)            # setuid/setgid and group write
+        add("release/data.bin", b"12345", mode=0o666)
+        add("release/copy.bin", type=tarfile.LNKTYPE, linkname="release/data.bin")
+        add("release/latest", type=tarfile.SYMTYPE, linkname="data.bin")
+        add("release/./sub/", type=tarfile.DIRTYPE, mode=0o777)
+
+    dest = tmp_path / "raw"
+    fetch(_tar_with(tmp_path, build), dest, progress=False)
+    assert seen == ["release/run.sh", "release/data.bin", "release/copy.bin", "release/latest", "release/./sub"]
+    assert stat.S_IMODE((dest / "release/run.sh").stat().st_mode) == 0o755   # high bits and g/o write dropped
+    assert stat.S_IMODE((dest / "release/data.bin").stat().st_mode) == 0o644
+    assert (dest / "release/copy.bin").read_bytes() == b"12345"
+    assert os.path.samefile(dest / "release/copy.bin", dest / "release/data.bin")  # a hard link, inside
+    assert os.readlink(dest / "release/latest") == "data.bin" and (dest / "release/sub").is_dir()
+    (entry,) = json.loads((dest / MARKER).read_text())["entries"]
+    assert entry["files"] == ["release/copy.bin", "release/data.bin", "release/latest", "release/run.sh"]
+
+
+@pytest.mark.parametrize(("kind", "why"), [
+    ("hardlink-forward", "not a file earlier in the archive"),
+    ("hardlink-escape", "hard link pointing outside"),
+    ("fifo", "is a FIFO"),
+    ("dangling-chain", "resolves outside the destination"),
+])
+def test_more_unsafe_tar_members(tmp_path, kind, why):
+    def build(add):
+        add("good/first.txt", b"fine")
+        if kind == "hardlink-forward":
+            add("good/hard", type=tarfile.LNKTYPE, linkname="good/later.txt")
+            add("good/later.txt", b"later")
+        elif kind == "hardlink-escape":
+            add("good/hard", type=tarfile.LNKTYPE, linkname="../../outside/secret.txt")
+        elif kind == "fifo":
+            add("good/pipe", type=tarfile.FIFOTYPE)
+        elif kind == "dangling-chain":  # each link looks inside when made; no member goes through them
+            add("a", type=tarfile.SYMTYPE, linkname="b/../outside")
+            add("b", type=tarfile.SYMTYPE, linkname=".")
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("keep me")
+    dest = tmp_path / "deep" / "raw"
+    dest.parent.mkdir()
+    with pytest.raises(FinePoseError, match="unsafe archive") as info:
+        fetch(_tar_with(tmp_path, build), dest, progress=False)
+    assert why in str(info.value) and "Nothing was extracted" in str(info.value)
+    assert sorted(p.name for p in dest.iterdir()) == [fetch_mod.LOCK_FILE]
+    assert (outside / "secret.txt").read_text() == "keep me"
+
+
+def test_tar_without_extraction_filters_is_a_clear_error(tmp_path, monkeypatch):
+    archive = tmp_path / "release.tar.gz"
+    archive.write_bytes(_tar_gz(RELEASE))
+    monkeypatch.delattr(tarfile, "data_filter")  # as on Python < 3.11.4
+    with pytest.raises(FinePoseError, match=r"release\.tar\.gz safely: tar extraction needs Python 3\.11\.4 or "
+                                            r"later .*--source DIR"):
+        fetch(archive, tmp_path / "raw", progress=False)
+    assert not [p for p in (tmp_path / "raw").iterdir() if p.name != fetch_mod.LOCK_FILE]
+
+
 def test_corrupt_archive_is_a_clear_error(tmp_path):
     archive = tmp_path / "broken.tar.gz"
     archive.write_bytes(_tar_gz(RELEASE)[:200])

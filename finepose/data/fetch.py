@@ -18,7 +18,10 @@ Archives (.tar, .tar.gz/.tgz, .tar.bz2, .tar.xz, .zip; names without a known
 extension are recognised by content) are extracted into a temporary folder
 inside DIR, then moved into DIR. Members with absolute paths, '..', links
 pointing outside DIR, or device files make the whole archive fail with nothing
-extracted. Downloaded archives are deleted once extracted.
+extracted. Tar archives are extracted by Python's tarfile with its "data"
+extraction filter (Python 3.11.4 or later; older Pythons get a clear error),
+zip archives by our own checked writer. Downloaded archives are deleted once
+extracted.
 
 DIR/.fetched.json records what was fetched (source, sha256, files), so a second
 run with the same source is a no-op (--force fetches again).
@@ -886,12 +889,19 @@ def _within(path: str, root: str) -> bool:
 
 
 class _SafeExtractor:
-    """Writes archive members under ``root``, refusing anything that could land outside it.
+    """Our rules for archive members, and a writer for zip members under ``root``.
 
-    Every write checks the real (link-resolved) parent folder at the moment of
-    writing, links are checked when made and again once all members are out,
-    and files are opened with O_NOFOLLOW, so no member order (a link first,
-    then a file 'through' it) can reach outside ``root``.
+    Tar members are written by ``tarfile`` itself through its ``data`` extraction
+    filter (Python >= 3.11.4), which refuses absolute and escaping paths, links
+    that leave the destination and device files, each checked against the folder
+    as it is when that member is written. What the filter does not do is here:
+    the stricter name rules of :meth:`relative` (the filter would silently strip a
+    leading '/', and it allows '..' that stays inside), hard links only to files
+    earlier in the archive, the final :meth:`verify` (a link that looked inside
+    when made can point outside once later links exist), the list of extracted
+    files, our messages, and the writer for zip archives, which have no filter:
+    every zip write checks the real (link-resolved) parent folder at the moment
+    of writing and opens files with O_NOFOLLOW.
     """
 
     def __init__(self, root: Path, label: str):
@@ -899,7 +909,6 @@ class _SafeExtractor:
         self.label = label
         self.files: list[str] = []
         self.links: list[str] = []
-        self.regular: set[str] = set()
 
     def unsafe(self, member: str, why: str) -> _Unsafe:
         return _Unsafe(
@@ -936,7 +945,6 @@ class _SafeExtractor:
                     raise self.unsafe(raw, "would replace a folder of the same archive")
             else:  # a duplicate member: replace it, never write through it
                 os.unlink(path)
-                self.regular.discard(rel)
         return path
 
     def add_dir(self, rel: str, raw: str) -> None:
@@ -954,7 +962,6 @@ class _SafeExtractor:
             with contextlib.suppress(OSError, OverflowError, ValueError):
                 os.utime(path, (mtime, mtime), follow_symlinks=False)
         self.files.append(rel)
-        self.regular.add(rel)
 
     def add_symlink(self, rel: str, raw: str, target: str) -> None:
         norm = target.replace("\\", "/")
@@ -972,21 +979,6 @@ class _SafeExtractor:
         self.files.append(rel)
         self.links.append(rel)
 
-    def add_hardlink(self, rel: str, raw: str, target_raw: str) -> None:
-        try:
-            target = self.relative(target_raw)
-        except _Unsafe:
-            raise self.unsafe(raw, f"is a hard link pointing outside the destination ({target_raw!r})") from None
-        if target is None or target not in self.regular:
-            raise self.unsafe(raw, f"is a hard link to {target_raw!r}, which is not a file earlier in the archive")
-        source = os.path.join(self.root, *target.split("/"))
-        if not _within(os.path.realpath(source), self.root):
-            raise self.unsafe(raw, f"is a hard link pointing outside the destination ({target_raw!r})")
-        path = self._place(rel, raw)
-        os.link(source, path, follow_symlinks=False)
-        self.files.append(rel)
-        self.regular.add(rel)
-
     def verify(self) -> None:
         """After all members: every link and every file's folder still resolves inside the root."""
         for rel in self.links:
@@ -998,29 +990,67 @@ class _SafeExtractor:
 
 
 def _extract_tar(archive: Path, ex: _SafeExtractor) -> None:
-    with tarfile.open(archive, "r:*") as tar:
-        for member in tar:  # one pass: members are checked and written in archive order
-            raw = member.name
-            rel = ex.relative(raw)
-            if member.ischr() or member.isblk():
-                raise ex.unsafe(raw, "is a device file")
-            if member.isfifo():
-                raise ex.unsafe(raw, "is a FIFO")
-            if rel is None:
-                if member.isdir():
-                    continue
-                raise ex.unsafe(raw, "has an empty name")
+    """Extract with ``tarfile``'s ``data`` filter, wrapped in our rules and messages (see _SafeExtractor)."""
+    files: set[str] = set()  # regular files so far: the only allowed hard-link targets
+
+    def guard(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+        raw = member.name
+        rel = ex.relative(raw)
+        if rel is None:
             if member.isdir():
-                ex.add_dir(rel, raw)
-            elif member.isreg():
-                with tar.extractfile(member) as data:
-                    ex.add_file(rel, raw, data, member.mode, float(member.mtime))
-            elif member.issym():
-                ex.add_symlink(rel, raw, member.linkname)
-            elif member.islnk():
-                ex.add_hardlink(rel, raw, member.linkname)
-            else:
-                raise ex.unsafe(raw, f"has an unsupported type {member.type!r}")
+                return None  # the archive's own root ('.', './')
+            raise ex.unsafe(raw, "has an empty name")
+        try:
+            member = tarfile.data_filter(member, dest)
+        except tarfile.FilterError as exc:
+            raise ex.unsafe(raw, _refusal(member, exc)) from None
+        if member.islnk():
+            target = posixpath.normpath(member.linkname.replace("\\", "/"))
+            if target not in files:
+                raise ex.unsafe(raw, f"is a hard link to {member.linkname!r}, which is not a file earlier in the "
+                                     "archive")
+        elif not (member.isreg() or member.isdir() or member.issym()):
+            raise ex.unsafe(raw, f"has an unsupported type {member.type!r}")
+        if member.isreg() or member.islnk():
+            files.add(rel)
+        elif rel in files:
+            files.discard(rel)  # a later member of another type replaces the file
+        if not member.isdir():
+            ex.files.append(rel)
+            if member.issym():
+                ex.links.append(rel)
+        return member
+
+    with tarfile.open(archive, "r:*") as tar:
+        # members=tar: one pass over the archive (members are read as they are extracted)
+        tar.extractall(ex.root, members=tar, filter=guard)
+
+
+def _refusal(member: tarfile.TarInfo, exc: tarfile.FilterError) -> str:
+    """Why tarfile's data filter refused ``member``, in the words of our other messages."""
+    kind = "hard link" if member.islnk() else "link"
+    if isinstance(exc, tarfile.AbsolutePathError):
+        return "has an absolute path"
+    if isinstance(exc, tarfile.AbsoluteLinkError):
+        return f"is a {kind} to the absolute path {member.linkname!r}"
+    if isinstance(exc, tarfile.LinkOutsideDestinationError):
+        return f"is a {kind} pointing outside the destination ({member.linkname!r})"
+    if isinstance(exc, tarfile.OutsideDestinationError):
+        return "would be written outside the destination (through a link of the archive)"
+    if isinstance(exc, tarfile.SpecialFileError):
+        if member.ischr() or member.isblk():
+            return "is a device file"
+        return "is a FIFO" if member.isfifo() else "is a special file"
+    return f"was refused by tarfile's data filter ({exc})"
+
+
+def _require_tar_filters(label: str) -> None:
+    if not hasattr(tarfile, "data_filter"):  # added in Python 3.11.4 (and backported to 3.8.17, 3.9.17, 3.10.12)
+        raise FinePoseError(
+            f"cannot extract {label} safely: tar extraction needs Python 3.11.4 or later (tarfile's extraction "
+            f"filters), this is Python {sys.version.split()[0]}. Upgrade Python, or extract the archive yourself "
+            "and fetch the folder (--source DIR)"
+        )
 
 
 def _extract_zip(archive: Path, ex: _SafeExtractor) -> None:
@@ -1054,6 +1084,8 @@ def _extract_archive(archive: Path, kind: str, dest: Path, label: str) -> list[s
 
     Returns the extracted files and links, relative to ``dest`` (sorted POSIX paths).
     """
+    if kind != "zip":
+        _require_tar_filters(label)
     tmp = Path(tempfile.mkdtemp(prefix=f".extract-{archive.name}-", dir=dest))
     try:
         ex = _SafeExtractor(tmp, label)
