@@ -286,3 +286,18 @@ def test_manifest_from_another_run_or_a_table_copied_in_is_refused(tmp_path):
         read_metadata(out / "frames.parquet")
     assert h36m.prepare(raw, out, progress=False)["up_to_date"] is False
     assert len(load_sequences(out, "det")) == 7 * 4
+
+
+def test_full_disk_in_any_atomic_write_names_the_file(tmp_path, monkeypatch):
+    from finepose.io import atomic_write_json
+
+    target = tmp_path / "summary.json"
+    target.write_text("old")
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(DiskFullError, match=r"summary\.json: disk full while writing it \(No space left on device\)"):
+        atomic_write_json(target, {"new": 1})
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
