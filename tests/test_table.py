@@ -168,6 +168,7 @@ def test_a_kill_at_any_point_never_leaves_mixed_tables_that_pass(tmp_path, monke
     mixture up to date."""
     raw_a, raw_b = _release(tmp_path / "a", 1), _release(tmp_path / "b", 2)
     real_write, real_replace = pq.write_table, os.replace
+    inputs_a = {name: sha256_file(raw_a / name) for name in ("data_3d_h36m.npz", "data_2d_h36m_det.npz")}
     outcomes = []
     for kill_at in range(1, 12):
         out = tmp_path / f"out{kill_at}"
@@ -194,7 +195,9 @@ def test_a_kill_at_any_point_never_leaves_mixed_tables_that_pass(tmp_path, monke
         cameras_from = _raw_meta(out / "cameras.parquet")["source_files"]
         mixed = frames_from != cameras_from
         if mixed or not (out / table.MANIFEST_FILE).exists():
-            with pytest.raises(FinePoseError, match=rf"python -m finepose prepare --dataset h36m .*--out {out}`"
+            with pytest.raises(FinePoseError, match=rf"python -m finepose prepare --dataset h36m --raw "
+                                                    rf"{(raw_a if frames_from == inputs_a else raw_b).resolve()}"
+                                                    rf" --out {out}`"
                                                     r" \(no --force needed"):
                 load_sequences(out, "det")
         else:

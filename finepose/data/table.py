@@ -41,7 +41,7 @@ is removed, both are renamed into place, and a new ``manifest.json`` is written
 last. The manifest records each table's sha256 and size, the input identity
 (``source_files``, ``reader``, ``reader_version``, ``options``, the release
 folder) and a random ``commit`` id that both tables also carry in their metadata
-(key ``commit``). So a kill or a full disk at any point leaves either the
+(keys ``commit`` and ``prepared_from``, the release folder). So a kill or a full disk at any point leaves either the
 previous complete dataset or a folder that every reader refuses:
 
 * :func:`is_up_to_date` (a rerun of prepare) accepts the folder only when the
@@ -210,7 +210,9 @@ def write_dataset(out_dir: str | Path, frames: pa.Table, cameras: pa.Table, *,
     out_dir = Path(out_dir)
     meta = _table_meta(frames)
     commit = uuid.uuid4().hex
-    frames, cameras = _with_meta(frames, commit=commit), _with_meta(cameras, commit=commit)
+    raw = str(Path(raw_dir).resolve()) if raw_dir is not None else None
+    # both tables carry the commit id (and the release folder, for the "run this" messages)
+    frames, cameras = (_with_meta(t, commit=commit, prepared_from=raw) for t in (frames, cameras))
     with _writer_lock(out_dir):
         _remove_leftovers(out_dir)
         manifest_path = out_dir / MANIFEST_FILE
@@ -226,7 +228,7 @@ def write_dataset(out_dir: str | Path, frames: pa.Table, cameras: pa.Table, *,
             "format": MANIFEST_FORMAT, "commit": commit, "dataset": meta.get("dataset"),
             "reader": meta.get("reader"), "reader_version": meta.get("reader_version"),
             "options": meta.get("options", {}), "source_files": meta.get("source_files", {}),
-            "raw": str(Path(raw_dir).resolve()) if raw_dir is not None else None, "tables": entries,
+            "raw": raw, "tables": entries,
         }
         atomic_write_json(manifest_path, manifest)
     return manifest
@@ -263,7 +265,8 @@ def _check_committed(path: Path, meta: Mapping[str, Any]) -> None:
     if commit is not None and not manifest_path.exists():
         raise FinePoseError(
             f"{path}: the dataset in {path.parent} is incomplete: {MANIFEST_FILE} is missing, so prepare was "
-            f"interrupted while replacing the tables; run `{_prepare_command(path.parent, meta.get('dataset'), None)}` "
+            f"interrupted while replacing the tables; run "
+            f"`{_prepare_command(path.parent, meta.get('dataset'), meta.get('prepared_from'))}` "
             "(no --force needed: it rebuilds what is not committed)")
     manifest = read_manifest(path.parent)
     entry = manifest["tables"].get(path.name)
@@ -272,7 +275,8 @@ def _check_committed(path: Path, meta: Mapping[str, Any]) -> None:
         why = ("is not listed in it" if not isinstance(entry, dict)
                else f"has {size} bytes, the manifest says {entry.get('bytes')}" if entry.get("bytes") != size
                else "comes from another prepare run than the manifest")
-        command = _prepare_command(path.parent, manifest.get("dataset") or meta.get("dataset"), manifest.get("raw"))
+        command = _prepare_command(path.parent, manifest.get("dataset") or meta.get("dataset"),
+                                   manifest.get("raw") or meta.get("prepared_from"))
         raise FinePoseError(
             f"{path} does not belong to the dataset recorded in {manifest_path}: it {why} (an interrupted prepare, "
             f"or files copied in by hand). Run `{command}` (no --force needed: it rebuilds what is not committed)")
