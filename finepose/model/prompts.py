@@ -41,7 +41,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass
-from importlib import resources
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -100,7 +100,8 @@ def prompt_segments(prompt: str, layout: str) -> tuple[Segment, ...]:
 @functools.lru_cache(maxsize=1)
 def manual_prompts() -> dict[str, str]:
     """Action name -> manual sentence (finepose/resources/manual_prompts.json)."""
-    text = resources.files("finepose").joinpath("resources", MANUAL_PROMPTS_RESOURCE).read_text("utf-8")
+    # the package folder of this module (see finepose.camera.load_h36m_cameras)
+    text = (Path(__file__).resolve().parents[1] / "resources" / MANUAL_PROMPTS_RESOURCE).read_text("utf-8")
     return dict(json.loads(text)["prompts"])
 
 
