@@ -352,7 +352,7 @@ def load_h36m_cameras(path: str | Path | None = None) -> dict[tuple[str, str], C
     are left out.
     """
     if path is None:
-        # beside this module, not resources.files("finepose"): run from a clone's parent folder,
+        # beside this module, not via importlib.resources: run from a clone's parent folder,
         # "finepose" may be the clone folder itself (a namespace package)
         text = (Path(__file__).resolve().parent / "resources" / "h36m_cameras.json").read_text()
         origin = "finepose/resources/h36m_cameras.json"
