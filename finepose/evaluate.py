@@ -435,10 +435,9 @@ def load_model(checkpoint: Path, device: torch.device):
         raise
     except Exception as exc:
         raise FinePoseError(f"{checkpoint}: cannot load checkpoint ({exc})") from exc
-    run_cfg = ckpt.get("run_config") or {}
-    f = run_cfg.get("diffusion", {})
-    diffusion = GaussianDiffusion(timesteps=f.get("timesteps", 1000), cosine_s=f.get("cosine_s", 0.008),
-                                  scale=f.get("scale", 1.0), clamp=f.get("clamp", 1.1))
+    from finepose.model.checkpoint import diffusion_settings
+
+    diffusion = GaussianDiffusion(**diffusion_settings(ckpt))   # run config's, else an import's stored ones
     return model.to(device).eval(), diffusion.to(device), ckpt
 
 
