@@ -25,10 +25,10 @@ of one token of P:
 - manual sentences (M-Prompt): the sentence's end-of-text, as in CLIP;
 - prompts without action text (3DHP layout, AL-Prompt): the last token (76), as released.
 
-``compat_official`` reproduces the released code instead (faults 1 and 3 of
-official_code_notes.md): the CLIP transformer runs under ``no_grad`` so the context
-vectors never receive a gradient (they are then frozen, exactly as they stayed in the
-release), and the pooled token is read at position e of the whole 77-token sequence
+``compat_official`` reproduces the released code instead (faults 1 and 3 of the
+README's "Faithful, and corrected"; finepose/docs/official_import.md): the CLIP
+transformer runs under ``no_grad`` so the context vectors never receive a gradient
+(they are then frozen, exactly as they stayed in the release), and the pooled token is read at position e of the whole 77-token sequence
 (inside the person segment's context vectors). Fault 2 (which clip attends to which
 prompt) is in :class:`finepose.model.denoiser.PromptPoseCommunication`.
 
