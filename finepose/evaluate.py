@@ -405,7 +405,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast on CUDA (default: the run's train.amp; --no-amp scores in float32)")
-    parser.add_argument("--out", required=True, help="METRICS_DIR: summary.json, frames.parquet")
+    parser.add_argument("--out", required=True,
+                        help="METRICS_DIR: summary.json, frames.parquet (created and checked before any work)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -495,12 +496,15 @@ def evaluate(checkpoint: Path, out_dir: Path, *, data_dir: str | Path | None = N
     from finepose.aggregate import MODES, ORACLE_MODES, REPROJECTION_MODES
     from finepose.runconfig import DEFAULTS
 
+    from finepose.cli import check_output_dir
+
     t0 = time.perf_counter()
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    check_output_dir(out_dir)       # before loading and sampling: a bad --out must not cost the whole run
     dev = resolve_device(device)
     model, diffusion, ckpt = load_model(checkpoint, dev)
     run_cfg = ckpt.get("run_config") or {}
-    ev = {**DEFAULTS["eval"], **run_cfg.get("eval", {})}
+    ev = {**DEFAULTS["eval"], **(ckpt.get("eval") or {}), **run_cfg.get("eval", {})}   # imports store "eval"
     data_dir = Path(data_dir or run_cfg.get("data", {}).get("dir") or "")
     if not str(data_dir) or str(data_dir) == ".":
         raise FinePoseError(f"{checkpoint}: no --data given and the checkpoint's run config has no data.dir")

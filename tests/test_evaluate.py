@@ -249,3 +249,18 @@ def test_progress_logs_count_rate_and_eta_when_not_on_a_terminal(caplog):
     assert not caplog.records
     quiet.update(7)                                                    # the last one is always logged
     assert len(caplog.records) == 1
+
+
+def test_a_bad_out_is_refused_before_any_work(tmp_path, monkeypatch):
+    import finepose.evaluate as ev
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(ev, "load_model", no_loading)
+    afile = tmp_path / "metrics"
+    afile.write_text("")
+    with pytest.raises(FinePoseError, match=r"--out .*metrics: is an existing file, not a folder"):
+        evaluate(tmp_path / "best.pt", afile, data_dir=tmp_path, device="cpu")
+    with pytest.raises(FinePoseError, match=r"metrics is a file, so no folder can be created below it"):
+        evaluate(tmp_path / "best.pt", afile / "h20_m10", data_dir=tmp_path, device="cpu")
