@@ -482,6 +482,21 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _run_data_dir(data_dir: Path, checkpoint: Path) -> Path:
+    """The run config's data.dir. A relative one is relative to the folder the run was started
+    in (the workflow's): found from the current folder or from a folder above the checkpoint."""
+    if data_dir.is_absolute() or (data_dir / FRAMES_FILE).exists():
+        return data_dir
+    for base in checkpoint.resolve().parents:
+        if (base / data_dir / FRAMES_FILE).exists():
+            log.info("data.dir %s of the run config is relative; found it under %s", data_dir, base)
+            return base / data_dir
+    raise FinePoseError(f"{checkpoint}: its run config's data.dir {str(data_dir)!r} is relative and holds no "
+                        f"{FRAMES_FILE} from the current folder ({Path.cwd()}) nor from any folder above the "
+                        "checkpoint; run from the folder the run was trained in, or pass --data DIR "
+                        "(if the data was never prepared: `python -m finepose prepare`)")
+
+
 def evaluate(checkpoint: Path, out_dir: Path, *, data_dir: str | Path | None = None, source_2d: str | None = None,
              hypotheses: int | None = None, steps: int | None = None, eta: float | None = None,
              flip: bool | None = None, seed: int | None = None, batch_size: int | None = None,
@@ -505,9 +520,12 @@ def evaluate(checkpoint: Path, out_dir: Path, *, data_dir: str | Path | None = N
     model, diffusion, ckpt = load_model(checkpoint, dev)
     run_cfg = ckpt.get("run_config") or {}
     ev = {**DEFAULTS["eval"], **(ckpt.get("eval") or {}), **run_cfg.get("eval", {})}   # imports store "eval"
+    given = data_dir is not None
     data_dir = Path(data_dir or run_cfg.get("data", {}).get("dir") or "")
     if not str(data_dir) or str(data_dir) == ".":
         raise FinePoseError(f"{checkpoint}: no --data given and the checkpoint's run config has no data.dir")
+    if not given:
+        data_dir = _run_data_dir(data_dir, checkpoint)
     source_2d = source_2d or run_cfg.get("data", {}).get("source_2d", "gt")
     hypotheses = hypotheses or ev["hypotheses"]
     steps = steps or ev["steps"]
