@@ -5,7 +5,7 @@ The synthetic released checkpoint has exactly the keys, shapes and dtypes listed
 a mis-mapped tensor is caught). The compat computation is checked against a literal,
 unoptimised transcription of the released forward pass (explicit concatenation of the 2D
 input per hypothesis, repeated time embeddings, tiled prompt keys, einsum attention),
-written here from the facts in official_code_notes.md.
+written here from the facts of the release (finepose/docs/official_import.md).
 """
 from __future__ import annotations
 
