@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from finepose.cli import VERBS, build_parser, check_output_dir
+from finepose.cli import VERBS, check_output_dir
 from finepose.io import FinePoseError
 
 REPO = Path(__file__).resolve().parents[1]
