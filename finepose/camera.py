@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -353,7 +352,9 @@ def load_h36m_cameras(path: str | Path | None = None) -> dict[tuple[str, str], C
     are left out.
     """
     if path is None:
-        text = resources.files("finepose").joinpath("resources/h36m_cameras.json").read_text()
+        # beside this module, not via importlib.resources: run from a clone's parent folder,
+        # "finepose" may be the clone folder itself (a namespace package)
+        text = (Path(__file__).resolve().parent / "resources" / "h36m_cameras.json").read_text()
         origin = "finepose/resources/h36m_cameras.json"
     else:
         origin = str(path)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 from finepose.io import FinePoseError
 
@@ -26,6 +29,36 @@ VERBS: dict[str, tuple[str, str]] = {
     "tables": ("finepose.tables", "build the paper's Tables 1-6 (Markdown, CSV, LaTeX) and figures from metrics"),
     "install-profile": ("finepose.profiles", "install the Snakemake profiles so `snakemake --profile slurm` finds them"),
 }
+
+
+def check_output_dir(path: str | os.PathLike, option: str = "--out", create: bool = True) -> Path:
+    """Check (and with ``create`` make) the output folder ``path`` before any long work.
+
+    Refuses, naming ``option`` and the fix: an existing file in its place, a file among its
+    parents, a parent folder this process cannot write, and (with ``create``) a folder in
+    which a file cannot be written (read-only or full file system).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FinePoseError(f"{option} {path}: is an existing file, not a folder; give a folder path "
+                            "(it is created if missing) or move the file away")
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise FinePoseError(f"{option} {path}: {probe} is a file, so no folder can be created below it; "
+                            "give another folder path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise FinePoseError(f"{option} {path}: {probe} is not writable by this user; give a folder you can write")
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+                pass
+        except OSError as exc:
+            raise FinePoseError(f"{option} {path}: cannot write there ({exc.strerror or exc}); "
+                                "give a folder on a writable file system with free space") from exc
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +107,16 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except FinePoseError as exc:
         print(f"finepose {verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        # an output path that collides with a file or a folder, or one this user cannot write
+        where = exc.filename or "an output path"
+        fix = next(text for kind, text in (
+            (FileExistsError, "a file is in the way of a folder: move it or give another path"),
+            (NotADirectoryError, "a file stands where a folder is needed: give another path"),
+            (IsADirectoryError, "a folder stands where a file is needed: give a file name"),
+            (PermissionError, "not writable by this user: give a path you can write")) if isinstance(exc, kind))
+        print(f"finepose {verb}: error: {where}: {exc.strerror or exc}; {fix}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"finepose {verb}: interrupted", file=sys.stderr)

@@ -405,7 +405,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast on CUDA (default: the run's train.amp; --no-amp scores in float32)")
-    parser.add_argument("--out", required=True, help="METRICS_DIR: summary.json, frames.parquet")
+    parser.add_argument("--out", required=True,
+                        help="METRICS_DIR: summary.json, frames.parquet (created and checked before any work)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -435,10 +436,9 @@ def load_model(checkpoint: Path, device: torch.device):
         raise
     except Exception as exc:
         raise FinePoseError(f"{checkpoint}: cannot load checkpoint ({exc})") from exc
-    run_cfg = ckpt.get("run_config") or {}
-    f = run_cfg.get("diffusion", {})
-    diffusion = GaussianDiffusion(timesteps=f.get("timesteps", 1000), cosine_s=f.get("cosine_s", 0.008),
-                                  scale=f.get("scale", 1.0), clamp=f.get("clamp", 1.1))
+    from finepose.model.checkpoint import diffusion_settings
+
+    diffusion = GaussianDiffusion(**diffusion_settings(ckpt))   # run config's, else an import's stored ones
     return model.to(device).eval(), diffusion.to(device), ckpt
 
 
@@ -482,6 +482,21 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _run_data_dir(data_dir: Path, checkpoint: Path) -> Path:
+    """The run config's data.dir. A relative one is relative to the folder the run was started
+    in (the workflow's): found from the current folder or from a folder above the checkpoint."""
+    if data_dir.is_absolute() or (data_dir / FRAMES_FILE).exists():
+        return data_dir
+    for base in checkpoint.resolve().parents:
+        if (base / data_dir / FRAMES_FILE).exists():
+            log.info("data.dir %s of the run config is relative; found it under %s", data_dir, base)
+            return base / data_dir
+    raise FinePoseError(f"{checkpoint}: its run config's data.dir {str(data_dir)!r} is relative and holds no "
+                        f"{FRAMES_FILE} from the current folder ({Path.cwd()}) nor from any folder above the "
+                        "checkpoint; run from the folder the run was trained in, or pass --data DIR "
+                        "(if the data was never prepared: `python -m finepose prepare`)")
+
+
 def evaluate(checkpoint: Path, out_dir: Path, *, data_dir: str | Path | None = None, source_2d: str | None = None,
              hypotheses: int | None = None, steps: int | None = None, eta: float | None = None,
              flip: bool | None = None, seed: int | None = None, batch_size: int | None = None,
@@ -496,15 +511,21 @@ def evaluate(checkpoint: Path, out_dir: Path, *, data_dir: str | Path | None = N
     from finepose.aggregate import MODES, ORACLE_MODES, REPROJECTION_MODES
     from finepose.runconfig import DEFAULTS
 
+    from finepose.cli import check_output_dir
+
     t0 = time.perf_counter()
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    check_output_dir(out_dir)       # before loading and sampling: a bad --out must not cost the whole run
     dev = resolve_device(device)
     model, diffusion, ckpt = load_model(checkpoint, dev)
     run_cfg = ckpt.get("run_config") or {}
-    ev = {**DEFAULTS["eval"], **run_cfg.get("eval", {})}
+    ev = {**DEFAULTS["eval"], **(ckpt.get("eval") or {}), **run_cfg.get("eval", {})}   # imports store "eval"
+    given = data_dir is not None
     data_dir = Path(data_dir or run_cfg.get("data", {}).get("dir") or "")
     if not str(data_dir) or str(data_dir) == ".":
         raise FinePoseError(f"{checkpoint}: no --data given and the checkpoint's run config has no data.dir")
+    if not given:
+        data_dir = _run_data_dir(data_dir, checkpoint)
     source_2d = source_2d or run_cfg.get("data", {}).get("source_2d", "gt")
     hypotheses = hypotheses or ev["hypotheses"]
     steps = steps or ev["steps"]

@@ -11,7 +11,13 @@ or (C, N, 17, 2|3) for several. Persons without 'track_id' are linked frame
 to frame by nearest pose. Joints scored below --conf-threshold are replaced by
 linear interpolation in time between the track's confident frames of that
 joint (reported per track in lift.json); a joint that is never confident is
-kept as detected and listed.
+kept as detected and listed. A coordinate that is not a finite number (NaN,
+Inf, JSON null) or is absurd (|x| or |y| over 100 times the image size) makes
+that joint a low-confidence one: interpolated the same way and counted in the
+report; a track with no usable coordinate of some joint is refused. A
+coordinate that is not a number at all (a string) is an error naming the
+entry and joint. When every score of a track is 0, the scores carry no
+information: a warning says so and every joint is used as detected.
 
 Writes OUT_DIR/poses3d.npy (C, N, J, 3): root-relative 3D in metres per track
 (C) and frame (N), zeros where a track is absent (the paper's multi-human
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence as Seq
@@ -60,13 +67,46 @@ def _frame_numbers(ids: list[Any]) -> np.ndarray:
     return np.array([order[str(i)] for i in ids], dtype=np.int64)
 
 
-def read_keypoints(path: Path, joints: int = 17) -> list[Track]:
-    """Tracks from a detector JSON or a .npy file (see the module docstring)."""
+_FIELDS = ("x", "y", "score")
+
+
+def _keypoint_numbers(values: list, path: Path, entry: int, joint_names: Seq[str] | None) -> np.ndarray:
+    """A detector's flat [x, y, score] * J list as floats; null -> NaN; anything else but a number is refused."""
+    out = np.empty(len(values), dtype=np.float64)
+    for i, value in enumerate(values):
+        if value is None:
+            out[i] = np.nan
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            joint = i // 3
+            name = f" ({joint_names[joint]})" if joint_names is not None and joint < len(joint_names) else ""
+            raise FinePoseError(f"{path}: entry {entry}, keypoint {joint}{name}: {_FIELDS[i % 3]} is {value!r}, "
+                                f"not a number (position {i} of its 'keypoints' list); write numbers, or null "
+                                "for a joint the detector did not find")
+        try:
+            out[i] = float(value)
+        except OverflowError:                       # an integer beyond float range: absurd, not finite
+            out[i] = np.inf if value > 0 else -np.inf
+    return out
+
+
+def read_keypoints(path: Path, joints: int = 17, joint_names: Seq[str] | None = None) -> list[Track]:
+    """Tracks from a detector JSON or a .npy file (see the module docstring).
+
+    Coordinates are kept as read (NaN for JSON null); :func:`interpolate_low_confidence`
+    treats the non-finite ones as low-confidence joints.
+    """
     path = Path(path)
     if not path.is_file():
         raise FinePoseError(f"{path}: no such keypoint file")
     if path.suffix.lower() == ".npy":
-        arr = np.load(path, allow_pickle=False)
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise FinePoseError(f"{path}: not a plain numeric .npy array ({exc})") from exc
+        if arr.dtype.kind not in "biuf":
+            raise FinePoseError(f"{path}: holds {arr.dtype} values; keypoints must be numbers (float or int), "
+                                "NaN for a joint the detector did not find")
         if arr.ndim == 3:
             arr = arr[None]
         if arr.ndim != 4 or arr.shape[2] != joints or arr.shape[3] not in (2, 3):
@@ -74,7 +114,11 @@ def read_keypoints(path: Path, joints: int = 17) -> list[Track]:
                                 f"got {arr.shape}")
         tracks = []
         for c, person in enumerate(arr.astype(np.float64)):
-            present = np.isfinite(person[..., :2]).all(axis=(1, 2)) & (np.abs(person[..., :2]).sum(axis=(1, 2)) > 0)
+            xy = person[..., :2]
+            # a frame is present when some joint has finite coordinates that are not all zero
+            # (zero-filled rows mean absent); non-finite joints of a present frame are cleaned later
+            usable = np.isfinite(xy).all(axis=-1) & (np.abs(np.nan_to_num(xy)).sum(axis=-1) > 0)
+            present = usable.any(axis=1)
             scores = person[..., 2] if person.shape[-1] == 3 else np.ones(person.shape[:2])
             f = np.flatnonzero(present)
             tracks.append(Track(str(c), f, person[f, :, :2], scores[f]))
@@ -91,16 +135,16 @@ def read_keypoints(path: Path, joints: int = 17) -> list[Track]:
     keypoints, frame_ids, track_ids = [], [], []
     for n, person in enumerate(data):
         kp = person.get("keypoints") if isinstance(person, dict) else None
-        if kp is None or len(kp) != joints * 3:
-            raise FinePoseError(f"{path}: entry {n} has no 'keypoints' list of {joints} x [x, y, score] "
-                                f"({len(kp) if kp is not None else 'missing'} numbers)")
-        keypoints.append(np.asarray(kp, dtype=np.float64).reshape(joints, 3))
+        if not isinstance(kp, list) or len(kp) != joints * 3:
+            got = f"{len(kp)} numbers" if isinstance(kp, list) else "missing" if kp is None else type(kp).__name__
+            raise FinePoseError(f"{path}: entry {n} has no 'keypoints' list of {joints} x [x, y, score] ({got})")
+        keypoints.append(_keypoint_numbers(kp, path, n, joint_names).reshape(joints, 3))
         frame_ids.append(next((person[k] for k in ("image_id", "frame", "frame_id", "idx") if k in person), n))
         track_ids.append(person.get("track_id"))
     frames = _frame_numbers(frame_ids)
     kps = np.stack(keypoints)
     if all(t is None for t in track_ids):
-        labels = link_tracks(frames, kps[..., :2])
+        labels = link_tracks(frames, np.where(np.isfinite(kps[..., :2]), kps[..., :2], np.nan))
     elif any(t is None for t in track_ids):
         raise FinePoseError(f"{path}: some persons have a 'track_id' and some do not")
     else:
@@ -133,8 +177,10 @@ def link_tracks(frames: np.ndarray, keypoints: np.ndarray) -> np.ndarray:
         idx = np.flatnonzero(frames == f)
         names = list(active)
         if names:
-            cost = np.array([[np.nanmean(np.linalg.norm(keypoints[i] - active[n], axis=-1)) for n in names]
-                             for i in idx])
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)     # a person with no finite joint: no distance
+                cost = np.array([[np.nanmean(np.linalg.norm(keypoints[i] - active[n], axis=-1)) for n in names]
+                                 for i in idx])
             rows, cols = linear_sum_assignment(np.nan_to_num(cost, nan=1e12))
             matched = dict(zip(rows.tolist(), cols.tolist()))
         else:
@@ -149,23 +195,64 @@ def link_tracks(frames: np.ndarray, keypoints: np.ndarray) -> np.ndarray:
     return labels.astype(str)
 
 
-def interpolate_low_confidence(track: Track, threshold: float, joint_names: Seq[str]) -> Track:
-    """Replace joints scored below ``threshold`` by linear interpolation over the track's frames.
+ABSURD_FACTOR = 100.0   # a coordinate beyond this many image sizes is treated as not detected
 
-    Each joint is interpolated between its nearest confident frames before and
-    after (held constant beyond the first / last one). Counts go to ``track.report``.
+
+def unusable_joints(keypoints: np.ndarray, image_size: Seq[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(non_finite, absurd) masks (n, J) of a track's joints: a coordinate NaN / Inf, or (with
+    ``image_size``) finite but beyond ``ABSURD_FACTOR`` times the image size from the origin."""
+    xy = keypoints[..., :2]
+    non_finite = ~np.isfinite(xy).all(axis=-1)
+    absurd = np.zeros_like(non_finite)
+    if image_size is not None:
+        with np.errstate(invalid="ignore"):
+            absurd = ~non_finite & (np.abs(np.nan_to_num(xy)) > ABSURD_FACTOR * max(image_size)).any(axis=-1)
+    return non_finite, absurd
+
+
+def _interp(frames: np.ndarray, kp: np.ndarray, replace: np.ndarray, source: np.ndarray, j: int) -> None:
+    for c in range(2):
+        kp[replace, j, c] = np.interp(frames[replace], frames[source], kp[source, j, c])
+
+
+def interpolate_low_confidence(track: Track, threshold: float, joint_names: Seq[str],
+                               image_size: Seq[int] | None = None) -> Track:
+    """Replace joints scored below ``threshold``, and unusable joints, by linear interpolation in time.
+
+    Unusable: a coordinate that is not finite (NaN, Inf, JSON null) or, with ``image_size``,
+    absurd (beyond ``ABSURD_FACTOR`` image sizes); such a joint counts as low-confidence
+    whatever its score. Each joint is interpolated between its nearest confident frames
+    before and after (held constant beyond the first / last one). A joint never confident
+    is kept as detected where usable (and interpolated between those frames elsewhere); a
+    track in which some joint is never usable is refused. Counts go to ``track.report``.
     """
-    low = track.scores < threshold                                   # (n, J)
+    non_finite, absurd = unusable_joints(track.keypoints, image_size)
+    unusable = non_finite | absurd
+    scores = np.where(np.isfinite(track.scores), track.scores, 0.0)
+    low = (scores < threshold) | unusable                            # (n, J)
     kp = track.keypoints.copy()
+    if unusable.all():
+        raise FinePoseError(f"track {track.name}: no joint in any of its {len(track.frames)} frames has finite, "
+                            "in-image coordinates; remove the track or fix the detector output")
+    hopeless = [joint_names[j] for j in range(kp.shape[1]) if unusable[:, j].all()]
+    if hopeless:
+        raise FinePoseError(f"track {track.name}: joint(s) {', '.join(hopeless)} have no finite, in-image "
+                            f"coordinate in any of its {len(track.frames)} frames, so they cannot be interpolated; "
+                            "remove the track or fix the detector output")
     never = [j for j in range(kp.shape[1]) if low[:, j].all()]
+    replaced = 0
     for j in range(kp.shape[1]):
-        if low[:, j].any() and j not in never:
-            good = ~low[:, j]
-            for c in range(2):
-                kp[low[:, j], j, c] = np.interp(track.frames[low[:, j]], track.frames[good], kp[good, j, c])
-    track.report.update(low_confidence_joints=int(low.sum()),
-                        interpolated_joints=int(low.sum() - low[:, never].sum()),
-                        never_confident=[joint_names[j] for j in never], threshold=threshold)
+        if j in never:                            # kept as detected; its unusable frames from the usable ones
+            if unusable[:, j].any():
+                _interp(track.frames, kp, unusable[:, j], ~unusable[:, j], j)
+                replaced += int(unusable[:, j].sum())
+        elif low[:, j].any():
+            _interp(track.frames, kp, low[:, j], ~low[:, j], j)
+            replaced += int(low[:, j].sum())
+    track.report.update(low_confidence_joints=int(low.sum()), interpolated_joints=replaced,
+                        non_finite_joints=int(non_finite.sum()), out_of_range_joints=int(absurd.sum()),
+                        never_confident=[joint_names[j] for j in never], threshold=threshold,
+                        all_scores_zero=bool((scores == 0).all()))
     return Track(track.name, track.frames, kp, track.scores, track.report)
 
 
@@ -208,8 +295,14 @@ def lift_tracks(model, diffusion, ckpt: dict[str, Any], tracks: list[Track], *, 
     if action is None:
         action = vocab[0] if vocab else "none"
         log.info("no --action given: prompting with %r", action)
-    elif vocab and action not in vocab:
-        raise FinePoseError(f"--action {action!r} is not one of the model's actions: {', '.join(vocab)}")
+    else:
+        from finepose.model.prompts import resolve_action
+
+        try:
+            action = resolve_action(action, vocab)       # "Directions 1" -> "Directions", as released
+        except FinePoseError as exc:
+            raise FinePoseError(f"--action {action!r} is not one of the model's actions: {', '.join(vocab)} "
+                                "(a name outside them is read by its first word)") from exc
     w, h = image_size
     camera = {"res_w": w, "res_h": h, "camera": "input", "subject": "input"}
     if intrinsics is not None:
@@ -264,7 +357,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="image width and height in pixels (2D is normalised by them)")
     parser.add_argument("--intrinsics", nargs=4, type=float, default=None, metavar=("FX", "FY", "CX", "CY"),
                         help="pinhole intrinsics in pixels: enables J-Agg (JPMA) and the root position")
-    parser.add_argument("--action", default=None, help="action text for the prompt (one of the model's actions)")
+    from finepose.model.config import H36M_ACTIONS
+
+    parser.add_argument("--action", default=None,
+                        help="action class for the prompt: one of the checkpoint's own action list (its "
+                             "model_config.actions, checked when it is loaded), for Human3.6M models "
+                             f"{', '.join(H36M_ACTIONS)}; a name outside the list is read by its first word "
+                             "('Directions 1' -> Directions). Default: the list's first action. Models without "
+                             "action text (MPI-INF-3DHP) ignore it")
     parser.add_argument("--format", choices=INPUT_FORMATS, default="coco17", help="joint order of the input")
     parser.add_argument("--conf-threshold", type=float, default=0.3,
                         help="joints scored below this are interpolated in time (default 0.3)")
@@ -273,10 +373,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", default="auto", choices=("auto", "mean", "p_agg", "j_agg"),
                         help="aggregation of the H hypotheses (auto: j_agg with --intrinsics, else mean)")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="test-time flip")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the sampling noise; the same seed and input give the same output (default 0)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="windows per forward pass; lower it if memory runs out (default 8)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--out", required=True, help="output folder (created; checked before the model is loaded)")
     parser.add_argument("--render", default=None, help="write an animation: a .gif (pillow) or .mp4 (ffmpeg) path")
 
 
@@ -302,13 +405,18 @@ def lift(checkpoint: Path, keypoints: Path, out_dir: Path, *, image_size: tuple[
     from finepose.runconfig import DEFAULTS
     from finepose.skeleton import get_joint_set
 
+    from finepose.cli import check_output_dir
+
     if input_format not in INPUT_FORMATS:
         raise FinePoseError(f"--format must be one of {', '.join(INPUT_FORMATS)}, got {input_format!r}")
     if min(image_size) <= 0:
         raise FinePoseError(f"--image-size must be positive, got {image_size}")
+    check_output_dir(out_dir)                       # before any work: a bad --out fails now, not at the end
+    if render is not None:
+        check_render_path(Path(render))
     dev = resolve_device(device)
     model, diffusion, ckpt = load_model(Path(checkpoint), dev)
-    ev = {**DEFAULTS["eval"], **(ckpt.get("run_config") or {}).get("eval", {})}
+    ev = {**DEFAULTS["eval"], **(ckpt.get("eval") or {}), **(ckpt.get("run_config") or {}).get("eval", {})}
     hypotheses, steps = hypotheses or ev["hypotheses"], steps or ev["steps"]
     if mode == "auto":
         mode = "j_agg" if intrinsics is not None else "mean"
@@ -316,15 +424,31 @@ def lift(checkpoint: Path, keypoints: Path, out_dir: Path, *, image_size: tuple[
         raise FinePoseError(f"--mode {mode} reprojects the hypotheses and needs --intrinsics FX FY CX CY; "
                             "without them use --mode mean")
     src_names = get_joint_set(input_format).joint_names
-    tracks = read_keypoints(Path(keypoints), joints=len(src_names))
+    tracks = read_keypoints(Path(keypoints), joints=len(src_names), joint_names=list(src_names))
     if not tracks:
         raise FinePoseError(f"{keypoints}: no detections")
-    tracks = [interpolate_low_confidence(t, conf_threshold, list(src_names)) for t in tracks]
+    cleaned = []
     for t in tracks:
-        if t.report["low_confidence_joints"]:
-            log.info("track %s: %d joint detections below %.2f (%d interpolated)%s", t.name,
-                     t.report["low_confidence_joints"], conf_threshold, t.report["interpolated_joints"],
-                     f"; never confident: {', '.join(t.report['never_confident'])}" if t.report["never_confident"] else "")
+        try:
+            cleaned.append(interpolate_low_confidence(t, conf_threshold, list(src_names), image_size=image_size))
+        except FinePoseError as exc:
+            raise FinePoseError(f"{keypoints}: {exc}") from exc
+    tracks = cleaned
+    for t in tracks:
+        r = t.report
+        if r["non_finite_joints"] or r["out_of_range_joints"]:
+            log.warning("%s track %s: %d joint coordinates not finite (NaN, Inf or null) and %d beyond %g times "
+                        "the image size; treated as low-confidence joints and interpolated in time", keypoints,
+                        t.name, r["non_finite_joints"], r["out_of_range_joints"], ABSURD_FACTOR)
+        if r["all_scores_zero"] and conf_threshold > 0:
+            log.warning("%s track %s: every joint scores 0, so the scores say nothing about which joints to trust: "
+                        "all %d joints are used as detected, none interpolated. If the third numbers are not "
+                        "confidences (e.g. COCO visibility flags), pass --conf-threshold 0 to use every joint "
+                        "and silence this warning", keypoints, t.name, len(src_names))
+        elif r["low_confidence_joints"]:
+            log.info("track %s: %d joint detections below %.2f or unusable (%d interpolated)%s", t.name,
+                     r["low_confidence_joints"], conf_threshold, r["interpolated_joints"],
+                     f"; never confident: {', '.join(r['never_confident'])}" if r["never_confident"] else "")
     lifted = lift_tracks(model, diffusion, ckpt, tracks, input_format=input_format, image_size=image_size,
                          intrinsics=intrinsics, action=action, hypotheses=hypotheses, steps=steps, mode=mode,
                          flip=flip, seed=seed, batch_size=batch_size, device=dev)
@@ -334,7 +458,7 @@ def lift(checkpoint: Path, keypoints: Path, out_dir: Path, *, image_size: tuple[
     kept = [(f[d], p[d]) for f, p, d, _ in (lifted[n] for n in names)]
     stacked, present, frames = stack_characters(kept)                 # (C, N, J, 3)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)      # checked at the start; gone since only if removed meanwhile
     from finepose.io import atomic_path
 
     with atomic_path(out_dir / "poses3d.npy", suffix=".npy.tmp") as tmp:
@@ -376,6 +500,25 @@ def lift(checkpoint: Path, keypoints: Path, out_dir: Path, *, image_size: tuple[
 # --------------------------------------------------------------------------------------
 # Rendering
 # --------------------------------------------------------------------------------------
+def check_render_path(path: Path) -> None:
+    """Refuse a --render path that cannot be written, before any work."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import animation
+
+    from finepose.cli import check_output_dir
+
+    suffix = path.suffix.lower()
+    if suffix not in (".gif", ".mp4"):
+        raise FinePoseError(f"--render {path}: use a .gif or .mp4 file name")
+    if suffix == ".mp4" and not animation.writers.is_available("ffmpeg"):
+        raise FinePoseError(f"--render {path}: MP4 needs ffmpeg on PATH; install it or render a .gif")
+    if path.is_dir():
+        raise FinePoseError(f"--render {path}: is a folder; give a file name ending in .gif or .mp4")
+    check_output_dir(path.parent, option=f"--render {path}: folder")
+
+
 def render_animation(path: Path, tracks: list[Track], lifted: dict[str, Any], joint_set, input_format: str,
                      image_size: tuple[int, int], fps: int = 25) -> None:
     """2D input (left) beside the 3D skeletons (right), one frame per input frame."""

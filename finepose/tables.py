@@ -21,7 +21,7 @@ each table is about::
                "summary": "results/metrics/h36m/sh/finepose/s0/h20_m10/summary.json"}, ...]}
 
 Every number in a table is either the paper's (``finepose/resources/paper_results.yaml``)
-or read from a ``summary.json`` (format in CONTRACTS.md); a row whose runs have
+or read from a ``summary.json`` (format: finepose/docs/summary_format.md); a row whose runs have
 no summary says "not run". Each table names its aggregation modes: the paper's
 numbers are J-Best, an oracle that picks joints with the ground truth (marked
 with a dagger), so ours are shown in the same mode, with the GT-free J-Agg
@@ -102,14 +102,15 @@ class Run:
 
 
 def read_summary(path: str | Path) -> dict[str, Any]:
-    """Read and check one evaluation ``summary.json`` (CONTRACTS.md format)."""
+    """Read and check one evaluation ``summary.json`` (format: finepose/docs/summary_format.md)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise FinePoseError(f"{path}: not valid JSON ({exc}); rerun its evaluation") from exc
     if not isinstance(data, dict) or "provenance" not in data or "results" not in data:
-        raise FinePoseError(f"{path}: expected an object with 'provenance' and 'results' (see CONTRACTS.md)")
+        raise FinePoseError(f"{path}: expected an object with 'provenance' and 'results' "
+                            "(see finepose/docs/summary_format.md)")
     if not isinstance(data["results"], list):
         raise FinePoseError(f"{path}: 'results' must be a list of result rows")
     for index, row in enumerate(data["results"]):

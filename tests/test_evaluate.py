@@ -249,3 +249,34 @@ def test_progress_logs_count_rate_and_eta_when_not_on_a_terminal(caplog):
     assert not caplog.records
     quiet.update(7)                                                    # the last one is always logged
     assert len(caplog.records) == 1
+
+
+def test_a_bad_out_is_refused_before_any_work(tmp_path, monkeypatch):
+    import finepose.evaluate as ev
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(ev, "load_model", no_loading)
+    afile = tmp_path / "metrics"
+    afile.write_text("")
+    with pytest.raises(FinePoseError, match=r"--out .*metrics: is an existing file, not a folder"):
+        evaluate(tmp_path / "best.pt", afile, data_dir=tmp_path, device="cpu")
+    with pytest.raises(FinePoseError, match=r"metrics is a file, so no folder can be created below it"):
+        evaluate(tmp_path / "best.pt", afile / "h20_m10", data_dir=tmp_path, device="cpu")
+
+
+def test_relative_data_dir_is_found_from_another_working_directory(tmp_path, monkeypatch):
+    base = tmp_path / "workflow"
+    write_dataset(base / "results" / "data" / "h36m", lengths=(30,))
+    monkeypatch.chdir(base)                                   # trained where the relative data.dir resolves
+    ckpt = trained(Path("results/data/h36m"), base / "results" / "runs" / "tiny")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    summary = evaluate(ckpt, elsewhere / "m", hypotheses=1, steps=1, batch_size=2, device="cpu", modes=["mean"])
+    assert Path(summary["provenance"]["data_dir"]) == base / "results" / "data" / "h36m"
+    lone = tmp_path / "lone.pt"                               # a copy with no workflow folder above it
+    lone.write_bytes(ckpt.read_bytes())
+    with pytest.raises(FinePoseError, match=r"data\.dir 'results/data/h36m' is relative .*pass --data DIR"):
+        evaluate(lone, elsewhere / "m2", device="cpu")

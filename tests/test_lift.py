@@ -138,3 +138,151 @@ def test_cli_lift_verb(checkpoint, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "finepose", "lift", str(checkpoint), str(bad), "--image-size", "10",
                            "10", "--out", str(tmp_path / "o2")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "entry 0 has no 'keypoints' list of 17" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------
+# Input that is not a clean number: interpolated and reported, or refused with a clear error
+# --------------------------------------------------------------------------------------
+def test_non_finite_and_absurd_joints_are_interpolated_and_reported():
+    frames = np.arange(6)
+    kp = np.stack([np.full((17, 2), float(f)) for f in frames])
+    scores = np.full((6, 17), 0.9)
+    kp[1, 2] = [np.nan, 1.0]                                              # NaN / JSON null
+    kp[2, 3] = [np.inf, 2.0]                                              # Inf, with a high score
+    kp[3, 4] = [1e30, 3.0]                                                # finite but absurd
+    scores[4, 6] = np.nan                                                 # a non-finite score: not confident
+    scores[:, 7] = 0.05                                                   # never confident ...
+    kp[0, 7] = [np.nan, np.nan]                                           # ... and NaN in one frame
+    out = interpolate_low_confidence(Track("0", frames, kp, scores), 0.3, list(COCO.joint_names),
+                                     image_size=(100, 100))
+    assert np.isfinite(out.keypoints).all()
+    np.testing.assert_allclose(out.keypoints[1, 2], [1.0, 1.0])
+    np.testing.assert_allclose(out.keypoints[2, 3], [2.0, 2.0])
+    np.testing.assert_allclose(out.keypoints[3, 4], [3.0, 3.0])
+    np.testing.assert_allclose(out.keypoints[0, 7], [1.0, 1.0])           # held from its first usable frame
+    np.testing.assert_array_equal(out.keypoints[1:, 7], kp[1:, 7])        # otherwise kept as detected
+    r = out.report
+    assert (r["non_finite_joints"], r["out_of_range_joints"]) == (3, 1)
+    assert r["low_confidence_joints"] == 4 + 6 and r["interpolated_joints"] == 5
+    assert r["never_confident"] == ["left_elbow"] and not r["all_scores_zero"]
+
+
+def test_tracks_without_usable_coordinates_are_refused():
+    frames = np.arange(4)
+    kp = np.full((4, 17, 2), np.nan)
+    with pytest.raises(FinePoseError, match="track 7: no joint in any of its 4 frames has finite"):
+        interpolate_low_confidence(Track("7", frames, kp, np.ones((4, 17))), 0.3, list(COCO.joint_names))
+    kp = np.ones((4, 17, 2))
+    kp[:, 15] = np.inf
+    with pytest.raises(FinePoseError, match=r"track 7: joint\(s\) left_ankle have no finite"):
+        interpolate_low_confidence(Track("7", frames, kp, np.ones((4, 17))), 0.3, list(COCO.joint_names))
+
+
+def test_detector_json_with_null_nan_and_strings(tmp_path):
+    people = coco_people(6, 1)
+    entries = [{"image_id": f, "keypoints": people[0, f].reshape(-1).tolist()} for f in range(6)]
+    entries[2]["keypoints"][9 * 3] = None                                 # left_wrist x: null
+    entries[3]["keypoints"][9 * 3 + 1] = float("nan")                     # written as NaN
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(entries))
+    (track,) = read_keypoints(path)
+    assert np.isnan(track.keypoints[2, 9, 0]) and np.isnan(track.keypoints[3, 9, 1])
+    entries[4]["keypoints"][10 * 3 + 1] = "12.5"                          # a string
+    path.write_text(json.dumps(entries))
+    with pytest.raises(FinePoseError, match=r"d\.json: entry 4, keypoint 10 \(right_wrist\): y is '12\.5', "
+                                            r"not a number \(position 31"):
+        read_keypoints(path, joint_names=list(COCO.joint_names))
+    entries[4]["keypoints"] = "1 2 3"
+    path.write_text(json.dumps(entries))
+    with pytest.raises(FinePoseError, match="entry 4 has no 'keypoints' list of 17"):
+        read_keypoints(path)
+    np.save(tmp_path / "s.npy", np.full((3, 17, 3), "a"))
+    with pytest.raises(FinePoseError, match=r"s\.npy: holds <U1 values; keypoints must be numbers"):
+        read_keypoints(tmp_path / "s.npy")
+
+
+def test_npy_frame_with_a_nan_joint_stays_a_detection(tmp_path):
+    arr = coco_people(5, 1)[0]
+    arr[2, 4, :2] = np.nan
+    arr[3] = 0.0                                                          # zero-filled: absent
+    np.save(tmp_path / "p.npy", arr)
+    (track,) = read_keypoints(tmp_path / "p.npy")
+    assert track.frames.tolist() == [0, 1, 2, 4] and np.isnan(track.keypoints[2, 4]).all()
+
+
+def test_lift_with_non_finite_coordinates_gives_finite_output(checkpoint, tmp_path, caplog):
+    import logging
+
+    people = coco_people(40, 1)
+    people[0, 5, 3, 0] = np.inf                                           # used to make a whole window NaN
+    people[0, 12, 8, 1] = 1e30
+    path = detector_json(tmp_path / "dets.json", people, [(0, 40)])
+    entries = json.loads(path.read_text())                                # json reads and writes Infinity
+    entries[20]["keypoints"][0] = None                                    # nose x: null
+    path.write_text(json.dumps(entries))
+    with caplog.at_level(logging.WARNING, logger="finepose.lift"):
+        report = lift(checkpoint, path, tmp_path / "out", image_size=(RES, RES), hypotheses=1, steps=1,
+                      flip=False, device="cpu")
+    poses = np.load(tmp_path / "out" / "poses3d.npy")
+    assert poses.shape == (1, 40, 17, 3) and np.isfinite(poses).all()
+    assert (np.abs(poses[0]).sum(axis=(1, 2)) > 0).all()                  # every frame lifted, none zeroed
+    track = report["tracks"]["10"]
+    assert track["non_finite_joints"] == 2 and track["out_of_range_joints"] == 1
+    assert "not finite (NaN, Inf or null)" in caplog.text and "treated as low-confidence" in caplog.text
+
+
+def test_all_zero_scores_are_a_warning(checkpoint, tmp_path, caplog):
+    import logging
+
+    people = coco_people(20, 1)
+    people[..., 2] = 0.0
+    path = detector_json(tmp_path / "dets.json", people, [(0, 20)])
+    with caplog.at_level(logging.WARNING, logger="finepose.lift"):
+        report = lift(checkpoint, path, tmp_path / "out", image_size=(RES, RES), hypotheses=1, steps=1,
+                      flip=False, device="cpu")
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "every joint scores 0" in r.message]
+    assert warned and "--conf-threshold 0" in warned[0].message
+    assert report["tracks"]["10"]["all_scores_zero"] is True
+
+
+def test_lift_checks_out_and_render_before_loading(tmp_path):
+    afile = tmp_path / "taken"
+    afile.write_text("x")
+    missing = tmp_path / "no_such.pt"                                     # loading it would fail later
+    with pytest.raises(FinePoseError, match=r"--out .*taken: is an existing file, not a folder"):
+        lift(missing, tmp_path / "k.json", afile, image_size=(10, 10), device="cpu")
+    with pytest.raises(FinePoseError, match=r"--render .*anim\.png: use a \.gif or \.mp4"):
+        lift(missing, tmp_path / "k.json", tmp_path / "o", image_size=(10, 10), device="cpu",
+             render=tmp_path / "anim.png")
+    with pytest.raises(FinePoseError, match=r"--render .*anim\.gif: folder .*taken: is an existing file"):
+        lift(missing, tmp_path / "k.json", tmp_path / "o", image_size=(10, 10), device="cpu",
+             render=afile / "anim.gif")
+
+
+def test_action_take_names_are_read_by_their_first_word(checkpoint, tmp_path):
+    np.save(tmp_path / "one.npy", coco_people(10, 1)[0])
+    report = lift(checkpoint, tmp_path / "one.npy", tmp_path / "out", image_size=(RES, RES), action="Walking 1",
+                  hypotheses=1, steps=1, flip=False, device="cpu")
+    assert report["action"] == "Walking 1"
+    with pytest.raises(FinePoseError, match="read by its first word"):
+        lift(checkpoint, tmp_path / "one.npy", tmp_path / "o2", image_size=(RES, RES), action="Juggling 1",
+             device="cpu")
+
+
+def test_cli_lift_string_coordinate_and_existing_out_file(checkpoint, tmp_path):
+    people = coco_people(5, 1)
+    path = detector_json(tmp_path / "dets.json", people, [(0, 5)])
+    entries = json.loads(path.read_text())
+    entries[1]["keypoints"][3] = "abc"
+    path.write_text(json.dumps(entries))
+    proc = subprocess.run([sys.executable, "-m", "finepose", "lift", str(checkpoint), str(path), "--image-size",
+                           str(RES), str(RES), "--device", "cpu", "--out", str(tmp_path / "o")], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "dets.json: entry 1, keypoint 1 (left_eye): x is 'abc', not a number" in proc.stderr
+    afile = tmp_path / "file_out"
+    afile.write_text("")
+    proc = subprocess.run([sys.executable, "-m", "finepose", "lift", str(checkpoint), str(path), "--image-size",
+                           str(RES), str(RES), "--device", "cpu", "--out", str(afile)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "is an existing file, not a folder" in proc.stderr, proc.stderr

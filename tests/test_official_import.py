@@ -5,7 +5,7 @@ The synthetic released checkpoint has exactly the keys, shapes and dtypes listed
 a mis-mapped tensor is caught). The compat computation is checked against a literal,
 unoptimised transcription of the released forward pass (explicit concatenation of the 2D
 input per hypothesis, repeated time embeddings, tiled prompt keys, einsum attention),
-written here from the facts in official_code_notes.md.
+written here from the facts of the release (finepose/docs/official_import.md).
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from finepose.cli import main as cli_main
 from finepose.io import FinePoseError
 from finepose.model import ModelConfig, build_model, load_checkpoint
 from finepose.model.clip_text import tokenize
-from finepose.model.official import convert_official, load_official_state_dict
+from finepose.model.official import (clip_text_sha256, convert_official, load_official_state_dict, official_name_map,
+                                     official_to_ours)
 
 KEYS_JSON = Path(__file__).resolve().parents[2] / "shared" / "reference" / "finepose_state_dict_keys.json"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -82,8 +83,14 @@ def test_import_official_maps_every_key(released_keys, tmp_path):
     cfg = ckpt["model_config"]
     assert cfg["compat_official"] is True and cfg["prompt_layout"] == "h36m"
     assert (cfg["width"], cfg["depth"], cfg["frames"], cfg["joints"]) == (512, 8, 243, 17)
-    assert ckpt["clip_weights"] == "openai" and ckpt["variant"] == "finepose"
+    assert ckpt["variant"] == "finepose" and ckpt["joint_set"] == "h36m17"
     ours = ckpt["state_dict"]
+    # what was loaded, not a claim: the digest of the CLIP text tensors the file holds
+    assert ckpt["clip_weights"] == f"from checkpoint sha256:{clip_text_sha256(ours)}"
+    assert ckpt["clip_sha256"] == ckpt["official_import"]["clip_text_sha256"] == clip_text_sha256(ours)
+    # the released diffusion and sampling settings are stored, and used when the checkpoint is loaded
+    assert ckpt["diffusion"] == {"timesteps": 1000, "cosine_s": 0.008, "scale": 1.0, "clamp": 1.1}
+    assert ckpt["eval"] == {"hypotheses": 20, "steps": 10, "eta": 1.0, "flip": True}
     fill = {e["key"]: _fill(i) for i, e in enumerate(released_keys)}
     pe = "module.pose_estimator."
     expect = {
@@ -116,7 +123,8 @@ def test_import_official_maps_every_key(released_keys, tmp_path):
     assert len(ours) == len(released_text)
     assert not any("visual" in k for k in ours)
     model, _ = load_checkpoint(out)
-    assert model.config.compat_official and not model.training and model.clip_weights == "openai"
+    assert model.config.compat_official and not model.training and model.clip_weights == ckpt["clip_weights"]
+    assert model.joint_set == "h36m17"    # sample() flips with it by default
     assert not any(p.requires_grad for p in model.prompts.clip.parameters())
     assert not any(p.requires_grad for p in model.prompts.ctx.parameters())  # released: never trained
 
@@ -284,3 +292,100 @@ def test_denoiser_matches_released_computation(compat):
     if compat:  # the released tiling really differs from the fixed computation
         fixed = released_forward(model, y, x2d, t, actions, fixed=True)
         assert (fixed - ref).abs().max() > 1e-4
+
+
+# --------------------------------------------------------------------------------------
+# The import API: name map, CLIP digest, stored settings, flip from the joint set, action names
+# --------------------------------------------------------------------------------------
+def test_official_name_map_is_public_and_one_to_one(released_keys):
+    keys = [e["key"] for e in released_keys]
+    names = official_name_map(keys)
+    assert official_to_ours("module.pose_estimator.STEblocks.3.mlp.fc1.bias") == "spatial_blocks.3.mlp.fc1.bias"
+    assert official_to_ours("pose_estimator.TTEblocks.0.attn.proj.weight") == "temporal_blocks.0.attn.proj.weight"
+    assert official_to_ours("ctx_verb") == "prompts.ctx.action"
+    assert official_to_ours("module.pose_estimator.temporal_cross_attn.proj_out.out_layers.2.bias") == "pts.out.bias"
+    assert official_to_ours("module.betas") is None                                # recomputed diffusion buffer
+    assert official_to_ours("module.pose_estimator.clip_text.visual.conv1.weight") is None   # unused vision tower
+    assert official_to_ours("module.pose_estimator.mystery.weight") is None
+    mapped = [v for v in names.values() if v is not None]
+    assert len(mapped) == len(set(mapped))                                          # one-to-one
+    with torch.device("meta"):
+        ours = build_model(ModelConfig(compat_official=True, clip_pretrained="none", allow_random_clip=True),
+                           load_clip=False).state_dict()
+    assert set(mapped) == set(ours)                                                 # and onto our model
+    # the map is what the converter uses
+    state = synthetic_release(released_keys)
+    _, converted = convert_official(state, "h36m")
+    for key, name in names.items():
+        if name is not None:
+            assert torch.equal(converted[name], state[key].float()), key
+
+
+def test_clip_digest_names_the_weights_not_the_storage():
+    tower = {"token_embedding.weight": torch.arange(12.0).reshape(4, 3), "ln_final.bias": torch.ones(3)}
+    ours = {f"prompts.clip.{k}": v.double() for k, v in tower.items()} | {"head.weight": torch.zeros(2)}
+    assert clip_text_sha256(tower) == clip_text_sha256(ours)           # prefix, dtype, other keys: irrelevant
+    changed = dict(tower, **{"ln_final.bias": torch.tensor([1.0, 1.0, 1.0 + 1e-6])})
+    assert clip_text_sha256(changed) != clip_text_sha256(tower)
+
+
+def _tiny_checkpoint(tmp_path, **extra) -> Path:
+    from finepose.model import save_checkpoint
+
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(path, _tiny(True), extra)
+    return path
+
+
+def test_sample_flips_as_released_from_the_checkpoints_joint_set(tmp_path, caplog):
+    import logging
+
+    from finepose.diffusion import GaussianDiffusion
+    from finepose.model import sample
+    from finepose.skeleton import get_joint_set
+
+    model, _ = load_checkpoint(_tiny_checkpoint(tmp_path, joint_set="h36m17"))
+    diffusion = GaussianDiffusion()
+    x2d = torch.randn(2, 9, 17, 2, generator=torch.Generator().manual_seed(0))
+
+    def run(**kw):
+        return sample(model, diffusion, x2d, ["Walking", "Eating"], hypotheses=2, steps=2,
+                      generator=torch.Generator().manual_seed(1), **kw)
+
+    perm = get_joint_set("h36m17").flip_permutation
+    default, explicit, off = run(), run(flip_permutation=perm), run(flip=False)
+    assert torch.equal(default, explicit)                      # the released flip, without being asked
+    assert (default - off).abs().max() > 1e-4
+    bare = _tiny(True)                                         # no checkpoint, no joint set: said so
+    with caplog.at_level(logging.INFO, logger="finepose.model.sampling"):
+        sample(bare, diffusion, x2d, ["Walking", "Eating"], hypotheses=1, steps=1)
+    assert "WITHOUT test-time flip" in caplog.text
+    with pytest.raises(FinePoseError, match="no joint_set"):
+        sample(bare, diffusion, x2d, ["Walking", "Eating"], hypotheses=1, steps=1, flip=True)
+
+
+def test_imported_diffusion_settings_are_used(tmp_path):
+    from finepose.evaluate import load_model
+    from finepose.model import diffusion_settings
+
+    path = _tiny_checkpoint(tmp_path, joint_set="h36m17",
+                            diffusion={"timesteps": 500, "cosine_s": 0.008, "scale": 1.0, "clamp": 1.3})
+    _, diffusion, ckpt = load_model(path, torch.device("cpu"))
+    assert diffusion_settings(ckpt)["timesteps"] == 500
+    assert diffusion.num_timesteps == 500 and diffusion.clamp == 1.3
+
+
+def test_take_names_are_read_by_their_first_word():
+    from finepose.model import resolve_action
+
+    assert resolve_action("Directions 1", ["Directions", "Eating"]) == "Directions"
+    assert resolve_action("Eating", ["Directions", "Eating"]) == "Eating"
+    assert resolve_action("Anything 2", []) == "Anything 2"
+    with pytest.raises(FinePoseError, match=r"first word.*'Juggling'"):
+        resolve_action("Juggling 1", ["Directions", "Eating"])
+    model = _tiny(True)
+    with torch.no_grad():
+        a = model.encode_prompts(["Directions 1", "SittingDown 2"])
+        b = model.encode_prompts(["Directions", "SittingDown"])
+    assert a.keys == b.keys == ("Directions", "SittingDown")
+    assert torch.equal(a.pooled, b.pooled) and torch.equal(a.tokens, b.tokens)

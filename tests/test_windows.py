@@ -172,3 +172,15 @@ def test_missing_resolution_is_a_clear_error():
     seq.camera_info = {}
     with pytest.raises(FinePoseError, match="res_w"):
         ClipSource.from_sequences([seq], "h36m17")
+
+
+def test_non_finite_coordinates_in_valid_frames_are_masked_not_zeroed(caplog):
+    seq = make_sequence(20)
+    seq.keypoints_2d[4, 3] = [np.inf, 1.0]      # nan_to_num made this float32's largest number
+    seq.keypoints_2d[9, 2, 0] = np.nan          # ... and this 0 (a pixel at the image corner)
+    with caplog.at_level("WARNING", logger="finepose.data.windows"):
+        src = ClipSource.from_sequences([seq], "h36m17")
+    assert np.isfinite(src.x2d).all() and np.abs(src.x2d).max() < 10
+    assert not src.valid[4] and not src.valid[9] and src.valid.sum() == 18
+    np.testing.assert_array_equal(src.x2d[4], src.x2d[3])
+    assert "2 frame(s) marked valid hold non-finite" in caplog.text

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,8 @@ import numpy as np
 from finepose.data.table import Sequence
 from finepose.io import FinePoseError, atomic_write_json
 from finepose.skeleton import JointSet, get_joint_set
+
+log = logging.getLogger(__name__)
 
 DEFAULT_FRAMES = 243
 _ARRAYS = ("x2d", "y3d", "root", "valid", "frame")
@@ -149,8 +152,18 @@ class ClipSource:
                 raise FinePoseError(f"sequence {seq.key}: cameras.parquet has no res_w/res_h for subject "
                                     f"{seq.subject!r} camera {seq.camera!r}; rerun prepare")
             ok = np.asarray(seq.valid, bool)
-            kp2d = _fill_invalid(np.nan_to_num(seq.keypoints_2d.astype(np.float32)), ok)
-            kp3d = _fill_invalid(np.nan_to_num(seq.keypoints_3d.astype(np.float32)), ok)
+            # A frame with a non-finite coordinate is invalid (load_sequences marks them so; other
+            # callers may not): it is not scored and carries the nearest valid frame's values, never
+            # a coordinate silently turned into 0 or float32's largest number.
+            raw2d, raw3d = seq.keypoints_2d.astype(np.float32), seq.keypoints_3d.astype(np.float32)
+            finite = np.isfinite(raw2d).all(axis=(1, 2)) & np.isfinite(raw3d).all(axis=(1, 2))
+            if (ok & ~finite).any():
+                log.warning("sequence %s: %d frame(s) marked valid hold non-finite 2D/3D coordinates; they are "
+                            "treated as invalid (not scored, filled from the nearest valid frame)", seq.key,
+                            int((ok & ~finite).sum()))
+                ok = ok & finite
+            kp2d = _fill_invalid(np.nan_to_num(raw2d, nan=0.0, posinf=0.0, neginf=0.0), ok)
+            kp3d = _fill_invalid(np.nan_to_num(raw3d, nan=0.0, posinf=0.0, neginf=0.0), ok)
             r = root_position(kp3d, js)                                    # (N, 3)
             x2d.append(normalize_screen(kp2d, w, h).astype(np.float32))
             y3d.append(kp3d - r[:, None, :])

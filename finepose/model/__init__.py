@@ -7,8 +7,11 @@ Usage::
     enc = model.encode_prompts(actions)      # once per batch / per sampling call; (B,) clips
     y0_hat = model(y_t, x2d, t, enc)         # y_t (B*H, F, J, 3), x2d (B, F, J, 2), t (B*H,) or (B,)
     model, ckpt = load_checkpoint(path)      # eval mode; the plain API for equivalence checks
-    x0 = sample(model, diffusion, x2d, actions, hypotheses=H, steps=M, flip_permutation=perm,
+    diffusion = diffusion_of(ckpt)           # the checkpoint's diffusion settings (imported: the released ones)
+    x0 = sample(model, diffusion, x2d, actions, hypotheses=H, steps=M,
                 noise=noise, step_noise=step_noise)   # (M, B, H, F, J, 3), prompts encoded once
+    # test-time flip as released: on by default, from the checkpoint's joint set (flip=False: off)
+    resolve_action("Directions 1", model.config.actions)   # -> "Directions": names are read by their first word
     with cpu_kernels(device): ...            # faster float32 kernels on CPU (finepose.model.perf)
 
 Pass the 2D input and the actions once per clip (B rows), not repeated per hypothesis:
@@ -61,19 +64,22 @@ Table 5 (which blocks are present; FPP is the fine prompt):
     (no LayerNorm, no scale/shift by v, no SiLU): Z_t^s + Linear(Z_t^sp).
 
 Checkpoints: ``save_checkpoint(path, model, extra)`` / ``load_checkpoint(path, device)``
-(see ``finepose.model.checkpoint``). The authors' release: ``finepose.model.official``.
+(see ``finepose.model.checkpoint``). The authors' release: ``finepose.model.official`` and
+finepose/docs/official_import.md.
 """
-from finepose.model.checkpoint import MODEL_FORMAT, checkpoint_dict, load_checkpoint, read_checkpoint, save_checkpoint
+from finepose.model.checkpoint import (MODEL_FORMAT, checkpoint_dict, diffusion_of, diffusion_settings, load_checkpoint,
+                                       read_checkpoint, save_checkpoint)
 from finepose.model.config import H36M_ACTIONS, PROMPT_KINDS, VARIANT_LABELS, VARIANTS, ModelConfig, variant_of
 from finepose.model.denoiser import (FinePOSE, PromptPoseCommunication, TimestepEmbedding, TimestepStylization,
                                      build_model)
-from finepose.model.prompts import PartAwarePrompts, PromptEncoding, manual_prompts, prompt_segments
+from finepose.model.prompts import PartAwarePrompts, PromptEncoding, manual_prompts, prompt_segments, resolve_action
 from finepose.model.perf import cpu_kernels
-from finepose.model.sampling import denoise_fn, sample
+from finepose.model.sampling import denoise_fn, flip_permutation_of, sample
 
 __all__ = [
     "FinePOSE", "ModelConfig", "VARIANTS", "VARIANT_LABELS", "H36M_ACTIONS", "PROMPT_KINDS", "MODEL_FORMAT",
     "build_model", "save_checkpoint", "load_checkpoint", "read_checkpoint", "checkpoint_dict", "variant_of",
+    "diffusion_settings", "diffusion_of", "flip_permutation_of",
     "PartAwarePrompts", "PromptEncoding", "PromptPoseCommunication", "TimestepStylization", "TimestepEmbedding",
-    "manual_prompts", "prompt_segments", "denoise_fn", "sample", "cpu_kernels",
+    "manual_prompts", "prompt_segments", "resolve_action", "denoise_fn", "sample", "cpu_kernels",
 ]

@@ -5,9 +5,10 @@ Layout (``torch.load(path, weights_only=True)`` reads it)::
     {"model_format": "finepose-model-1",
      "model_config": {ModelConfig fields},          # plain dict
      "state_dict": {name: tensor},                  # the whole model, frozen CLIP text tower included
-     "clip_weights": "openai" | "<path>" | "random" | "unused",
+     "clip_weights": "openai" | "<path>" | "random" | "unused" | "from checkpoint sha256:<hex>",
      "variant": "finepose" | ... | None, "dataset": ..., "joint_set": ...,
-     ...extra keys of the caller (trainer state, provenance)}
+     ...extra keys of the caller (trainer state and run_config, provenance;
+        imported checkpoints: "diffusion", "eval" and "official_import")}
 
 The CLIP text weights are stored, so a checkpoint is self-contained: loading it never
 needs the CLIP download, and a model trained on random CLIP weights stays marked as such.
@@ -89,6 +90,27 @@ def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     return ckpt
 
 
+# The diffusion settings GaussianDiffusion is built from, with finepose.runconfig's defaults
+# (those of the released code: cosine schedule s = 0.008, T = 1000, scale 1, clamp 1.1).
+DIFFUSION_KEYS = ("timesteps", "cosine_s", "scale", "clamp")
+
+
+def diffusion_settings(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """The diffusion settings a checkpoint was trained with: its run config's ``diffusion``
+    section, else the checkpoint's own ``diffusion`` entry (imported checkpoints), over the defaults."""
+    from finepose.runconfig import DEFAULTS
+
+    stored = (ckpt.get("run_config") or {}).get("diffusion") or ckpt.get("diffusion") or {}
+    return {k: stored.get(k, DEFAULTS["diffusion"][k]) for k in DIFFUSION_KEYS}
+
+
+def diffusion_of(ckpt: Mapping[str, Any]):
+    """``GaussianDiffusion`` built from :func:`diffusion_settings` (CPU)."""
+    from finepose.diffusion import GaussianDiffusion
+
+    return GaussianDiffusion(**diffusion_settings(ckpt))
+
+
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", *,
                     config: ModelConfig | Mapping[str, Any] | None = None,
                     variant: str | None = None) -> tuple[FinePOSE, dict[str, Any]]:
@@ -116,6 +138,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     except RuntimeError as exc:
         raise FinePoseError(f"{path}: state_dict does not fit its model_config ({exc})") from exc
     model.clip_weights = ckpt.get("clip_weights", "unknown")
+    model.joint_set = ckpt.get("joint_set")   # sample() derives the test-time flip from it
     model.to(device)
     model.eval()
     return model, ckpt

@@ -36,8 +36,8 @@ class ModelConfig:
     prompt: which prompt the FPP branch builds (none | manual | single | coarse | learnable | fine).
     add_pooled: add the pooled prompt embedding P[L] to the input embedding Z_t.
     fpc: the prompt-pose cross-attention (FPC). pts: the timestep stylization (PTS).
-    compat_official: reproduce the released code's behaviour exactly (faults 1-3 of
-        ../shared/reference/official_code_notes.md), for imported checkpoints.
+    compat_official: reproduce the released code's behaviour exactly (faults 1-3 of the
+        README's "Faithful, and corrected"; finepose/docs/official_import.md), for imported checkpoints.
     prompt_layout: "h36m" (7 segments with the action class) or "3dhp" (6 segments, no action).
     actions: the action vocabulary; prompts are refused for other names (empty: any name).
     clip_model: the frozen CLIP text tower's architecture, an open_clip model name

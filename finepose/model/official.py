@@ -9,7 +9,14 @@ finepose.diffusion recomputes; CLIP's vision tower, text_projection and logit_sc
 which the text branch never uses); a key left unmapped, or one of our keys left
 without a source, is an error that lists them. Shapes are checked against our model.
 The result loads with ``finepose.model.load_checkpoint`` and runs the released
-computation (compat_official: faults 1-3 of official_code_notes.md kept).
+computation (compat_official: faults 1-3 of the released code kept; see
+finepose/docs/official_import.md and the README's "Faithful, and corrected").
+
+The checkpoint also records the released diffusion and sampling settings (cosine
+schedule over T = the released buffers' length, s = 0.008, scale 1, clamp 1.1; DDIM
+eta 1, H = 20, M = 10, test-time flip), its joint set (so sampling flips as released),
+and which CLIP weights it holds: "from checkpoint sha256:<hex>", the sha256 of the
+CLIP text-tower tensors (``clip_text_sha256``). Layer names: ``official_to_ours``.
 
 ``python -m finepose import-official CKPT --dataset h36m|3dhp --out OURS.pt``
 """
@@ -38,11 +45,11 @@ DATASETS = {"h36m": "h36m", "3dhp": "3dhp"}
 _PE = "pose_estimator."
 
 # Released context-vector names -> our segment names.
-_CTX = {"ctx_subject": "person", "ctx_verb": "action", "ctx_speed": "speed", "ctx_head": "head",
+CONTEXT_NAMES = {"ctx_subject": "person", "ctx_verb": "action", "ctx_speed": "speed", "ctx_head": "head",
         "ctx_body": "body", "ctx_arm": "arm", "ctx_leg": "leg"}
 
 # (released pattern, our replacement) for pose_estimator.* keys; first match wins.
-_RULES: tuple[tuple[str, str], ...] = (
+NAME_RULES: tuple[tuple[str, str], ...] = (
     (r"Spatial_pos_embed", "spatial_pos"),
     (r"Temporal_pos_embed", "temporal_pos"),
     (r"(ctx_\w+)", "<ctx>"),
@@ -66,7 +73,7 @@ _RULES: tuple[tuple[str, str], ...] = (
     (r"clip_text\.(transformer\.resblocks\.\d+\..+)", r"prompts.clip.\1"),
 )
 # Released keys dropped on purpose (after a shape check): unused by the text branch.
-_CLIP_UNUSED = re.compile(r"clip_text\.(visual\..+|text_projection|logit_scale)")
+CLIP_UNUSED = re.compile(r"clip_text\.(visual\..+|text_projection|logit_scale)")
 
 
 # Globals a released checkpoint may hold besides tensors (the training loop saves numpy's RandomState
@@ -136,12 +143,74 @@ def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _our_name(key: str) -> str | None:
-    for pattern, repl in _RULES:
+    for pattern, repl in NAME_RULES:
         if re.fullmatch(pattern, key):
             if repl == "<ctx>":
-                return f"prompts.ctx.{_CTX[key]}" if key in _CTX else None
+                return f"prompts.ctx.{CONTEXT_NAMES[key]}" if key in CONTEXT_NAMES else None
             return re.sub(pattern, repl, key)
     return None
+
+
+def official_to_ours(key: str) -> str | None:
+    """Our state-dict name for a released one, or None for a key that has no counterpart.
+
+    ``key`` as in the released ``model_pos`` (``module.pose_estimator.STEblocks.0.attn.qkv.weight``)
+    or without the ``module.`` / ``pose_estimator.`` prefixes. None: the 12 diffusion buffers
+    (recomputed by finepose.diffusion), CLIP's vision tower, text_projection and logit_scale
+    (unused by the text branch), and any name the rules (``NAME_RULES``) do not know.
+    The map is one-to-one over the released keys that do map::
+
+        official_to_ours("module.pose_estimator.STEblocks.3.mlp.fc1.bias")  # 'spatial_blocks.3.mlp.fc1.bias'
+        official_to_ours("ctx_verb")                                         # 'prompts.ctx.action'
+    """
+    key = key[len("module."):] if key.startswith("module.") else key
+    key = key[len(_PE):] if key.startswith(_PE) else key
+    if key in DIFFUSION_BUFFERS or CLIP_UNUSED.fullmatch(key):
+        return None
+    return _our_name(key)
+
+
+def official_name_map(keys) -> dict[str, str | None]:
+    """``{released key: official_to_ours(key)}`` for every key of a released state dict (or key list)."""
+    return {k: official_to_ours(k) for k in keys}
+
+
+CLIP_PREFIX = "prompts.clip."
+
+
+def clip_text_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of a CLIP text tower's weights, independent of where they were stored.
+
+    ``tensors``: the text tower's state dict (``token_embedding.weight``, ``positional_embedding``,
+    ``transformer.resblocks.*``, ``ln_final.*``), or any state dict holding it under
+    ``prompts.clip.`` (ours). Hashed: each name, shape and float32 little-endian bytes, in name
+    order. The same digest from another state dict (e.g. open_clip's OpenAI ViT-B/32 text tower,
+    ``finepose.model.clip_text.pretrained_text_state``) means the same weights.
+    """
+    import hashlib
+
+    import numpy as np
+
+    tower = {k[len(CLIP_PREFIX):]: v for k, v in tensors.items() if k.startswith(CLIP_PREFIX)} or dict(tensors)
+    digest = hashlib.sha256()
+    for name in sorted(tower):
+        value = tower[name].detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
+        digest.update(f"{name}:{tuple(value.shape)}\n".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()
+
+
+def released_settings(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(diffusion, eval) settings of the released code, as stored in an imported checkpoint.
+
+    Diffusion: the cosine schedule (s = 0.008) over T = the length of the released buffers,
+    scale 1, clamp 1.1 (official_code_notes: inputs clamped to +-1.1 * scale). Sampling: DDIM
+    with eta 1, H = 20 hypotheses, M = 10 steps and test-time flip (paper Sec. 4, as D3DP).
+    """
+    betas = state.get("betas", state.get("module.betas"))
+    timesteps = int(betas.shape[0]) if betas is not None else 1000
+    return ({"timesteps": timesteps, "cosine_s": 0.008, "scale": 1.0, "clamp": 1.1},
+            {"hypotheses": 20, "steps": 10, "eta": 1.0, "flip": True})
 
 
 def infer_config(state: Mapping[str, torch.Tensor], dataset: str) -> ModelConfig:
@@ -178,7 +247,7 @@ def _expected_clip_unused() -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         clip = open_clip.CLIP(**cfg, quick_gelu=True)
     return {f"{_PE}clip_text.{k}": tuple(v.shape) for k, v in clip.state_dict().items()
-            if _CLIP_UNUSED.fullmatch(f"clip_text.{k}")}
+            if CLIP_UNUSED.fullmatch(f"clip_text.{k}")}
 
 
 def convert_official(state_dict: Mapping[str, torch.Tensor], dataset: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -215,7 +284,7 @@ def convert_official(state_dict: Mapping[str, torch.Tensor], dataset: str) -> tu
         if not key.startswith(_PE):
             unmapped.append(key)
             continue
-        if _CLIP_UNUSED.fullmatch(key[len(_PE):]):
+        if CLIP_UNUSED.fullmatch(key[len(_PE):]):
             if unused_shapes.get(key) != tuple(value.shape):
                 bad_shape.append(f"{key}: {tuple(value.shape)} (CLIP ViT-B/32 has {unused_shapes.get(key)})")
             dropped.append(key)
@@ -260,14 +329,23 @@ def import_official(ckpt_path: str | Path, dataset: str, out_path: str | Path) -
     with torch.device("meta"):
         model = build_model(cfg, load_clip=False)
     model.load_state_dict(ours, strict=True, assign=True)
-    model.clip_weights = "openai"  # the release stores OpenAI's CLIP ViT-B/32 (clip.load) in the checkpoint
+    # The release pickles whatever CLIP its training loop loaded; record what this file holds
+    # (a digest comparable with any text tower's, see clip_text_sha256), not a claim of "openai".
+    clip_sha = clip_text_sha256(ours)
+    model.clip_weights = f"from checkpoint sha256:{clip_sha}"
     digest = sha256_file(ckpt_path)
+    diffusion, sampling = released_settings(state)
     extra = {"variant": "finepose", "dataset": "h36m" if dataset == "h36m" else "mpi_inf_3dhp",
              "joint_set": "h36m17" if dataset == "h36m" else "mpi_inf_3dhp17",
+             "diffusion": diffusion, "eval": sampling, "clip_sha256": clip_sha,
              "official_import": {"source": str(ckpt_path), "sha256": digest, "dataset": dataset,
-                                 "keys_mapped": len(ours), "keys_in_release": len(state)}}
+                                 "keys_mapped": len(ours), "keys_in_release": len(state),
+                                 "clip_text_sha256": clip_sha}}
     save_checkpoint(out_path, model, extra)
-    return {"out": str(out_path), "model_config": cfg.to_dict(), **extra["official_import"]}
+    log.info("imported %s: CLIP text tower sha256 %s; joint set %s (sampling flips as released); "
+             "diffusion %s; eval %s", ckpt_path, clip_sha, extra["joint_set"], diffusion, sampling)
+    return {"out": str(out_path), "model_config": cfg.to_dict(), "diffusion": diffusion, "eval": sampling,
+            "clip_weights": model.clip_weights, **extra["official_import"]}
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

@@ -25,10 +25,10 @@ of one token of P:
 - manual sentences (M-Prompt): the sentence's end-of-text, as in CLIP;
 - prompts without action text (3DHP layout, AL-Prompt): the last token (76), as released.
 
-``compat_official`` reproduces the released code instead (faults 1 and 3 of
-official_code_notes.md): the CLIP transformer runs under ``no_grad`` so the context
-vectors never receive a gradient (they are then frozen, exactly as they stayed in the
-release), and the pooled token is read at position e of the whole 77-token sequence
+``compat_official`` reproduces the released code instead (faults 1 and 3 of the
+README's "Faithful, and corrected"; finepose/docs/official_import.md): the CLIP
+transformer runs under ``no_grad`` so the context vectors never receive a gradient
+(they are then frozen, exactly as they stayed in the release), and the pooled token is read at position e of the whole 77-token sequence
 (inside the person segment's context vectors). Fault 2 (which clip attends to which
 prompt) is in :class:`finepose.model.denoiser.PromptPoseCommunication`.
 
@@ -41,7 +41,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass
-from importlib import resources
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -97,10 +97,30 @@ def prompt_segments(prompt: str, layout: str) -> tuple[Segment, ...]:
     raise FinePoseError(f"prompt {prompt!r} has no segments")
 
 
+def resolve_action(name: str, vocabulary: Sequence[str]) -> str:
+    """The vocabulary entry a clip's action name stands for.
+
+    The rule of the released code: a name that is not in the vocabulary is read by its
+    first word, so Human3.6M take names such as "Directions 1" or "SittingDown 2" prompt
+    as "Directions" / "SittingDown". Any other name is refused, with the rule and the
+    vocabulary in the message. An empty vocabulary accepts every name as it is.
+    """
+    if not vocabulary or name in vocabulary:
+        return name
+    words = str(name).split()
+    if words and words[0] in vocabulary:
+        return words[0]
+    raise FinePoseError(f"action {name!r} is not in the model's action vocabulary ({', '.join(vocabulary)}); "
+                        "a name outside it is read by its first word (\"Directions 1\" -> \"Directions\"), "
+                        f"and {words[0] if words else name!r} is not in it either. Use one of these names "
+                        "(for training: set model.actions to the dataset's actions)")
+
+
 @functools.lru_cache(maxsize=1)
 def manual_prompts() -> dict[str, str]:
     """Action name -> manual sentence (finepose/resources/manual_prompts.json)."""
-    text = resources.files("finepose").joinpath("resources", MANUAL_PROMPTS_RESOURCE).read_text("utf-8")
+    # the package folder of this module (see finepose.camera.load_h36m_cameras)
+    text = (Path(__file__).resolve().parents[1] / "resources" / MANUAL_PROMPTS_RESOURCE).read_text("utf-8")
     return dict(json.loads(text)["prompts"])
 
 
@@ -169,9 +189,7 @@ class PartAwarePrompts(nn.Module):
         """The key that identifies a clip's prompt: the action name, or "" when prompts ignore it."""
         if not self.uses_action:
             return ""
-        if self.cfg.actions and action not in self.cfg.actions:
-            raise FinePoseError(f"action {action!r} is not in the model's action vocabulary "
-                                f"{self.cfg.actions}; set model.actions to the dataset's actions")
+        action = resolve_action(action, self.cfg.actions)
         if any(s.text == MANUAL for s in self.segments) and action not in manual_prompts():
             raise FinePoseError(f"no manual prompt for action {action!r} in finepose/resources/"
                                 f"{MANUAL_PROMPTS_RESOURCE}; add a sentence for it there")
