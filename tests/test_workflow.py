@@ -173,6 +173,41 @@ def test_cross_checks_name_the_key(wf: Path):
         assert expected in text, (expected, text[-3000:])
 
 
+def test_model_diffusion_train_entries_are_checked_before_any_job(wf: Path):
+    """The run-config sections (plain mappings in the schema) go through finepose/runconfig.py's checks at load."""
+    cfg = load_config(wf / "config.yaml")
+    cfg["train"]["lr_decya"] = 0.99                            # typo of lr_decay
+    cfg["model"]["width"] = "32"                               # a string where ModelConfig wants an integer
+    cfg["diffusion"] = {"loss": "l1"}
+    cfg["experiments"][1]["train"] = {"epochs": 0}
+    cfg["variants"]["m_prompt"]["model"] = {"drop_pth": 0.1}
+    save_config(wf / "config.yaml", cfg)
+    result = smk(wf, "-n", check=False)
+    text = result.stdout + result.stderr
+    assert result.returncode != 0
+    for expected in ("config.yaml: unknown key 'train.lr_decya'",
+                     "config.yaml: model.width must be an integer, got '32'",
+                     "config.yaml: diffusion.loss must be one of mpjpe, mse, got 'l1'",
+                     "config.yaml (experiments[1]): train.epochs must be an integer >= 1, got 0",
+                     "config.yaml (variants.m_prompt): unknown key 'model.drop_pth'"):
+        assert expected in text, (expected, text[-3000:])
+    assert "Building DAG" not in text and "rule synth" not in text          # before any job
+
+
+def test_a_bad_combination_of_entries_names_the_run_and_the_file(wf: Path):
+    """Each entry is valid on its own; merged into a run config (model: + variant), the model cannot be built."""
+    cfg = load_config(wf / "config.yaml")
+    cfg["variants"]["m_prompt"]["model"] = {"heads": 3}       # width 32 (model:) is not divisible by 3
+    (wf / "mine.yaml").write_text(yaml.safe_dump({"variants": {"m_prompt": cfg["variants"]["m_prompt"]}}))
+    result = smk(wf, "-n", "--configfile", "mine.yaml", check=False)
+    text = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert ("config.yaml + mine.yaml (run h36m/det/m_prompt/s0: model from model, variants.m_prompt.model; "
+            "diffusion from diffusion; train from train): model config: width 32 is not divisible by heads 3") in text, \
+        text[-3000:]
+    assert "Building DAG" not in text
+
+
 def test_command_line_overrides_are_checked_too(wf: Path):
     result = smk(wf, "-n", "--config", "launcher_gpus=-1", check=False)
     text = result.stdout + result.stderr
