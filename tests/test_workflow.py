@@ -394,6 +394,42 @@ def test_conda_env_lists_the_package_dependencies():
     assert sorted(pip) == sorted(deps)
 
 
+def _declared_closure() -> set[str]:
+    """Every distribution a plain `pip install -e .` brings: pyproject's dependencies and theirs (no extras)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    seen, todo = set(), [Requirement(d) for d in deps]
+    while todo:
+        req = todo.pop()
+        if norm(req.name) in seen:
+            continue
+        seen.add(norm(req.name))
+        for line in metadata.requires(req.name) or []:
+            sub = Requirement(line)
+            if sub.marker is None or sub.marker.evaluate({"extra": ""}):
+                todo.append(sub)
+    return seen
+
+
+def test_what_snakemake_report_needs_is_a_dependency():
+    """`snakemake --report` (README) imports packages snakemake itself does not depend on: every package its
+    'Python package X must be installed to create reports' errors name is installed by `pip install -e .`."""
+    import snakemake
+
+    report_code = Path(snakemake.__file__).parent / "report"
+    source = "\n".join(path.read_text(errors="replace") for path in report_code.rglob("*.py"))
+    needed = set(re.findall(r"Python package (\w+) must be installed to create reports", source))
+    assert "pygments" in needed, sorted(needed)          # the check reads snakemake's own list of them
+    missing = {name for name in needed if name.lower() not in _declared_closure()}
+    assert not missing, f"add {sorted(missing)} to pyproject.toml's dependencies (and workflow/envs/finepose.yaml)"
+
+
 def test_launcher_schema_matches_the_launch_verb():
     from finepose.launch import RESOURCE_KEYS
 
