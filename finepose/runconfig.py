@@ -280,3 +280,39 @@ def describe_difference(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str 
         elif va != vb:
             out.append(f"{prefix}{key}: {va!r} != {vb!r}")
     return out
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}
+
+
+def check_run_config(given: Mapping[str, Any], source: str = "run config",
+                     combined: bool = True) -> dict[str, Any]:
+    """What ``train`` checks in a run config before it reads any data, for callers that want it early.
+
+    :func:`resolve_run_config` (keys, types and ranges of every section), then the ``model``
+    section with the variant's switches applied: each value has its ModelConfig field's type and,
+    when ``combined``, the model can be built from them (ranges, width/heads, prompt and layout);
+    ``combined=False`` checks a part of a model section that other parts complete. The workflow
+    calls this on every run it plans, so a typo or a wrong type fails ``snakemake -n``. Returns the
+    resolved config.
+    """
+    from dataclasses import fields
+
+    from finepose.model import VARIANTS, ModelConfig
+
+    cfg = resolve_run_config(given, source)
+    values = {**cfg["model"], **VARIANTS.get(cfg["variant"], {})}
+    defaults = {f.name: getattr(ModelConfig(), f.name) for f in fields(ModelConfig)}
+    for key, value in cfg["model"].items():
+        kind = type(defaults[key])
+        fits = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+        if fits and kind is not bool and isinstance(value, bool):
+            fits = False
+        _need(fits, source, f"model.{key}", _TYPE_NAMES.get(kind, kind.__name__), value)
+    if not combined:
+        return cfg
+    try:
+        ModelConfig(**values)
+    except FinePoseError as exc:     # "model config: width 30 is not divisible by heads 4"
+        raise FinePoseError(f"{source}: {exc}") from None
+    return cfg

@@ -408,7 +408,7 @@ class Builder:
         for source, key, paper_label in ((detected, "detected", paper["detected"].get("detector", "detected")),
                                          (gt, "gt", "GT")):
             runs = self.select(dataset, source, "finepose")
-            row: list[Any] = [self.label("finepose"), f"{self.source_label(dataset, source)} (paper: {paper_label})"]
+            row: list[Any] = [self.label("finepose"), _with_paper(self.source_label(dataset, source), paper_label)]
             for metric in metrics:
                 row += self.metric_block(runs, paper[key], metric, "actions")
             rows.append(row)
@@ -457,7 +457,8 @@ class Builder:
         return self._group_table(
             "table2", 2, "Human3.6M MPJPE per action, detected 2D input", t["dataset"], t["source_2d"], "action",
             H36M_ACTIONS, ACTION_SHORT, self.paper["table2"]["finepose"],
-            f"Human3.6M ({t['dataset']}), 2D source {self.source_label(t['dataset'], t['source_2d'])} (paper: CPN); "
+            f"Human3.6M ({t['dataset']}), 2D source "
+            f"{_with_paper(self.source_label(t['dataset'], t['source_2d']), 'CPN')}; "
             "MPJPE in mm; Avg is the mean over "
             "the action classes. Paper's D3DP Avg for reference: "
             f"{self.paper['table2']['d3dp']['avg']} mm.")
@@ -502,8 +503,8 @@ class Builder:
                 row += self.metric_block(runs, paper.get(variant), metric, "actions")
             rows.append(row)
             sources.append(_sources(runs))
-        notes = [f"Human3.6M ({dataset}), 2D source {self.source_label(dataset, source)} (paper: CPN); mm, mean over "
-                 "action classes. "
+        notes = [f"Human3.6M ({dataset}), 2D source {_with_paper(self.source_label(dataset, source), 'CPN')}; "
+                 "mm, mean over action classes. "
                  "Rows the paper does not have show '/' in the paper columns.", self.settings_note(all_runs),
                  *self.mode_notes(all_runs)]
         if blocks:
@@ -557,6 +558,12 @@ def _check(flag: Any) -> str:
     if flag is None:
         return "?"
     return "✓" if flag else ""
+
+
+def _with_paper(label: str, paper_label: str) -> str:
+    """A 2D source's label with the paper's source beside it, in one pair of parentheses:
+    'gt (paper: GT)', 'det (synthetic detector noise; paper: CPN)'."""
+    return f"{label[:-1]}; paper: {paper_label})" if label.endswith(")") else f"{label} (paper: {paper_label})"
 
 
 def _sources(runs: Sequence[Run]) -> tuple[str, ...]:

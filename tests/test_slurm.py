@@ -2,8 +2,9 @@
 
 Uses the single-node cluster of `.ci/slurm_cluster.sh` when it is up (FINEPOSE_SLURM_STATE or
 the default state folder), any cluster `sinfo` reaches otherwise, and starts the script's
-cluster itself when running as root (stopping it at the end). Without any of these the tests
-skip with a reason starting 'slurm:', which fails CI (tests/conftest.py).
+cluster itself only when asked to (FINEPOSE_START_SLURM=1, as root; it apt-installs slurm, munge
+and MariaDB), stopping it at the end. Without any of these the tests skip with a reason starting
+'slurm:', which fails CI (tests/conftest.py); CI starts the cluster beforehand (.ci/run).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from types import SimpleNamespace
 import pytest
 
 import launch_tasks
+from slurm_start import start_refusal
 from finepose import launch as L
 
 pytestmark = pytest.mark.slurm
@@ -38,6 +40,7 @@ BASE = {"timeout_min": 10, "poll_s": 0.5, "mem_gb": 1}
 class Cluster:
     state: Path | None  # the script's state folder when it is our test cluster
     started_here: bool
+    remove_state: bool = False  # started here in a state folder that did not exist before
 
     @property
     def own(self) -> bool:
@@ -70,22 +73,23 @@ def slurm_cluster():
         cluster = Cluster(state, False)
     elif not state_env and _sinfo_answers():
         cluster = Cluster(None, False)  # somebody else's cluster: no node-state tests
-    else:
-        if os.geteuid() != 0:
-            pytest.skip("slurm: no cluster is up and starting one needs root "
-                        "(run `sudo .ci/slurm_cluster.sh start`, then `eval \"$(.ci/slurm_cluster.sh env)\"`)")
-        if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
-            pytest.skip("slurm: slurmctld is not installed and there is no apt-get to install it")
+    else:  # starting one installs system packages: only when asked to (FINEPOSE_START_SLURM=1)
+        refusal = start_refusal(os.environ, os.geteuid())
+        if refusal:
+            pytest.skip(refusal)
+        fresh = not state.exists()
         proc = _script("start", state)
         if proc.returncode != 0:
             pytest.skip(f"slurm: .ci/slurm_cluster.sh start failed:\n{proc.stderr[-3000:]}")
         mp.setenv("SLURM_CONF", str(state / "slurm.conf"))
-        cluster = Cluster(state, True)
+        cluster = Cluster(state, True, remove_state=fresh)
     try:
         yield cluster
     finally:
         if cluster.started_here:
             _script("stop", state, 120)
+            if cluster.remove_state:      # the folder this session created (MariaDB's data, logs, spool)
+                shutil.rmtree(state, ignore_errors=True)
         mp.undo()
 
 

@@ -146,7 +146,8 @@ def test_table1_numbers_deltas_and_seed_mean(full):
     md = (root / "tables" / "table1.md").read_text()
     assert "41.5 ± 1.4" in md          # two seeds: mean ± sample std
     assert "+9.6" in md                # signed difference
-    assert "| SH (Stacked Hourglass) (paper: CPN) |" in md and "| gt (paper: GT) |" in md
+    assert "| SH (Stacked Hourglass; paper: CPN) |" in md and "| gt (paper: GT) |" in md   # one pair of ()
+    assert ") (" not in md
 
 
 def test_not_run_rows_never_invent_numbers(full):

@@ -104,6 +104,7 @@ def complete_workflow(cwd: Path) -> dict[str, list[str]]:
         for path in outputs.get(rule, []):
             _make(cwd / path, now + age[rule])
     smk(cwd, "--cores", "1", *outputs["run_config"], outputs["table_spec"][0])
+    now = time.time()                 # the run configs are as new as that call's end, however long it took
     for rule in ("train", "evaluate", "evaluate_multi_human", "tables"):
         for path in outputs.get(rule, []):
             _make(cwd / path, now + age[rule], directory=path.endswith("figures"))
@@ -171,6 +172,41 @@ def test_cross_checks_name_the_key(wf: Path):
                      "experiments[2].variants[0]: m_prompt needs an action text",
                      "tables.table3.dataset: 'mpi' is not under datasets:"):
         assert expected in text, (expected, text[-3000:])
+
+
+def test_model_diffusion_train_entries_are_checked_before_any_job(wf: Path):
+    """The run-config sections (plain mappings in the schema) go through finepose/runconfig.py's checks at load."""
+    cfg = load_config(wf / "config.yaml")
+    cfg["train"]["lr_decya"] = 0.99                            # typo of lr_decay
+    cfg["model"]["width"] = "32"                               # a string where ModelConfig wants an integer
+    cfg["diffusion"] = {"loss": "l1"}
+    cfg["experiments"][1]["train"] = {"epochs": 0}
+    cfg["variants"]["m_prompt"]["model"] = {"drop_pth": 0.1}
+    save_config(wf / "config.yaml", cfg)
+    result = smk(wf, "-n", check=False)
+    text = result.stdout + result.stderr
+    assert result.returncode != 0
+    for expected in ("config.yaml: unknown key 'train.lr_decya'",
+                     "config.yaml: model.width must be an integer, got '32'",
+                     "config.yaml: diffusion.loss must be one of mpjpe, mse, got 'l1'",
+                     "config.yaml (experiments[1]): train.epochs must be an integer >= 1, got 0",
+                     "config.yaml (variants.m_prompt): unknown key 'model.drop_pth'"):
+        assert expected in text, (expected, text[-3000:])
+    assert "Building DAG" not in text and "rule synth" not in text          # before any job
+
+
+def test_a_bad_combination_of_entries_names_the_run_and_the_file(wf: Path):
+    """Each entry is valid on its own; merged into a run config (model: + variant), the model cannot be built."""
+    cfg = load_config(wf / "config.yaml")
+    cfg["variants"]["m_prompt"]["model"] = {"heads": 3}       # width 32 (model:) is not divisible by 3
+    (wf / "mine.yaml").write_text(yaml.safe_dump({"variants": {"m_prompt": cfg["variants"]["m_prompt"]}}))
+    result = smk(wf, "-n", "--configfile", "mine.yaml", check=False)
+    text = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert ("config.yaml + mine.yaml (run h36m/det/m_prompt/s0: model from model, variants.m_prompt.model; "
+            "diffusion from diffusion; train from train): model config: width 32 is not divisible by heads 3") in text, \
+        text[-3000:]
+    assert "Building DAG" not in text
 
 
 def test_command_line_overrides_are_checked_too(wf: Path):
@@ -357,6 +393,42 @@ def test_conda_env_lists_the_package_dependencies():
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     assert sorted(pip) == sorted(deps)
+
+
+def _declared_closure() -> set[str]:
+    """Every distribution a plain `pip install -e .` brings: pyproject's dependencies and theirs (no extras)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    seen, todo = set(), [Requirement(d) for d in deps]
+    while todo:
+        req = todo.pop()
+        if norm(req.name) in seen:
+            continue
+        seen.add(norm(req.name))
+        for line in metadata.requires(req.name) or []:
+            sub = Requirement(line)
+            if sub.marker is None or sub.marker.evaluate({"extra": ""}):
+                todo.append(sub)
+    return seen
+
+
+def test_what_snakemake_report_needs_is_a_dependency():
+    """`snakemake --report` (README) imports packages snakemake itself does not depend on: every package its
+    'Python package X must be installed to create reports' errors name is installed by `pip install -e .`."""
+    import snakemake
+
+    report_code = Path(snakemake.__file__).parent / "report"
+    source = "\n".join(path.read_text(errors="replace") for path in report_code.rglob("*.py"))
+    needed = set(re.findall(r"Python package (\w+) must be installed to create reports", source))
+    assert "pygments" in needed, sorted(needed)          # the check reads snakemake's own list of them
+    missing = {name for name in needed if name.lower() not in _declared_closure()}
+    assert not missing, f"add {sorted(missing)} to pyproject.toml's dependencies (and workflow/envs/finepose.yaml)"
 
 
 def test_launcher_schema_matches_the_launch_verb():

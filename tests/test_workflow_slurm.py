@@ -303,10 +303,12 @@ def test_embedded_default_end_to_end(profile: str, tmp_path: Path, cluster_env):
 
     counts, _ = dry_run(wf, "--profile", profile, "--config", "launcher_gpus=0", env=env)
     assert counts == {}
-    # `snakemake --report` gathers the tables and figures into one browsable file
+    # `snakemake --report` (README "The report") gathers every table and figure into one browsable file
     smk(wf, "--report", "results/report.html", env=env)
     report = (results / "report.html").read_text(errors="replace")
-    assert "table4.csv" in report and "action_mpjpe.png" in report
+    listed = [f"{name}.{ext}" for name in TABLES for ext in ("md", "csv", "tex")] + ["sources.csv", *sorted(FIGURES)]
+    assert not [name for name in listed if name not in report], [name for name in listed if name not in report]
+    assert "Tables" in report and "Figures" in report      # the report's categories (workflow/rules/tables.smk)
     assert not processes_using(wf)
 
 

@@ -79,6 +79,22 @@ def _describe(error) -> list[str]:
     return [f"{where}: {error.message}"]
 
 
+def config_origin() -> str:
+    """Where the config came from, for error messages: its files (relative when inside here) and --config."""
+    settings = workflow.config_settings
+    given = [str(f) for f in settings.configfiles]       # --configfile: on top of (a preset: instead of) ours
+    files = ([] if config.get("preset") and given else [f for f in workflow.configfiles if str(f) not in given]) + given
+    names = []
+    for name in files:
+        path = Path(name)
+        if path.is_absolute() and path.is_relative_to(Path.cwd()):
+            path = path.relative_to(Path.cwd())
+        names.append(str(path))
+    if settings.config:
+        names.append("--config")
+    return " + ".join(dict.fromkeys(names)) or "the config"
+
+
 def check_config(cfg: dict, schema_file) -> None:
     """Check ``cfg`` against the schema (every problem, by key), fill defaults, then cross-check."""
     with open(schema_file) as handle:
@@ -86,12 +102,12 @@ def check_config(cfg: dict, schema_file) -> None:
     errors = sorted(Draft202012Validator(schema).iter_errors(cfg), key=lambda e: list(map(str, e.absolute_path)))
     problems = [line for error in errors for line in _describe(error)]
     if problems:
-        raise WorkflowError("config is invalid (workflow/schemas/config.schema.yaml documents every key):\n  "
-                            + "\n  ".join(dict.fromkeys(problems)))
+        raise WorkflowError(f"{config_origin()}: config is invalid (workflow/schemas/config.schema.yaml documents "
+                            "every key):\n  " + "\n  ".join(dict.fromkeys(problems)))
     validate(cfg, schema_file)           # fills the schema's defaults in
     problems = cross_check(cfg)
     if problems:
-        raise WorkflowError("config is inconsistent:\n  " + "\n  ".join(problems))
+        raise WorkflowError(f"{config_origin()}: config is inconsistent:\n  " + "\n  ".join(problems))
 
 
 def cross_check(cfg: dict) -> list[str]:
@@ -493,3 +509,70 @@ def tables_threads(wildcards) -> int:
 
 def final_targets() -> list[str]:
     return table_files() + [f"{RESULTS}/tables/sources.csv", f"{RESULTS}/tables/tables.md", f"{RESULTS}/figures"]
+
+
+# ----------------------------------------------------------------------------- run configs checked up front
+
+def variant_switches(name: str) -> dict:
+    return {key: config["variants"][name][key] for key in ("prompt", "add_pooled", "fpc", "pts")}
+
+
+def run_config_parts(run: dict) -> dict[str, list[tuple[str, dict]]]:
+    """Which entries of the config make each section of a run's run config (see run_config)."""
+    ds, exp = f"datasets.{run['dataset']}", f"experiments[{run['experiment']}]"
+    return {"model": [("model", config["model"]), (f"{ds}.model", config["datasets"][run["dataset"]]["model"]),
+                      (f"variants.{run['variant']}.model", config["variants"][run["variant"]]["model"])],
+            "diffusion": [("diffusion", config["diffusion"])],
+            "train": [("train", config["train"]), (f"{ds}.train", config["datasets"][run["dataset"]]["train"]),
+                      (f"{exp}.train", run["train"])]}
+
+
+def check_run_configs() -> None:
+    """The model:, diffusion: and train: entries checked by the engine's own run-config checks.
+
+    The schema types these sections as plain mappings; what they may hold is defined once, in
+    finepose/runconfig.py (check_run_config). Each entry is checked on its own (the message names
+    it), then every planned run's merged run config (what the train job will read), before any rule
+    runs, so `snakemake -n` fails on a typo instead of a train job's log after synth and prepare.
+    """
+    try:
+        from finepose.io import FinePoseError
+        from finepose.runconfig import check_run_config
+    except ImportError as exc:      # Snakemake outside the package's environment: train checks them later
+        print(f"note: the model/diffusion/train entries are checked when training starts ({exc})", file=sys.stderr)
+        return
+    origin, problems, checked = config_origin(), [], set()
+    for run in RUNS:
+        for section, parts in run_config_parts(run).items():
+            for where, value in parts:
+                if where in checked or not value:
+                    continue
+                checked.add(where)
+                # as run_config merges them: the variant's switches on top of every model entry
+                given = {**value, **variant_switches(run["variant"])} if section == "model" else value
+                parent = where.rsplit(".", 1)[0] if "." in where else ""
+                try:
+                    check_run_config({"variant": run["variant"], section: given}, combined=False,
+                                     source=f"{origin} ({parent})" if parent else origin)
+                except FinePoseError as exc:
+                    problems.append(str(exc))
+    failed = {}                     # the combination of the entries: the first run it fails, how many more
+    for run in RUNS if not problems else []:
+        parts = run_config_parts(run)
+        made_of = "; ".join(f"{section} from " + ", ".join(w for w, v in entries if v or "." not in w)
+                            for section, entries in parts.items())
+        try:
+            check_run_config(run_config(run), source="")
+        except FinePoseError as exc:
+            message = str(exc).removeprefix(": ")
+            if message not in failed:
+                failed[message] = [f"{origin} (run {run_id(run)}: {made_of})", 0]
+            failed[message][1] += 1
+    for message, (where, count) in failed.items():
+        problems.append(f"{where}: {message}" + (f" (and {count - 1} more runs)" if count > 1 else ""))
+    if problems:
+        raise WorkflowError("the model/diffusion/train entries of the config are invalid (finepose/runconfig.py "
+                            "documents every key):\n  " + "\n  ".join(dict.fromkeys(problems)))
+
+
+check_run_configs()
