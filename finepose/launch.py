@@ -219,8 +219,13 @@ class _SignalHooks:
         self.previous[INTERRUPT_SIGNAL] = signal.signal(INTERRUPT_SIGNAL, self._interrupt_handler)
         read_fd, write_fd = os.pipe()
         os.set_blocking(write_fd, False)  # set_wakeup_fd wants a non-blocking fd
+        try:
+            self._previous_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        except ValueError:  # not the main interpreter: the Python-level handlers alone
+            os.close(read_fd)
+            os.close(write_fd)
+            return
         self._wakeup = (read_fd, write_fd)
-        self._previous_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
         self._watcher = threading.Thread(target=self._watch, name="finepose-signal-watcher", daemon=True)
         self._watcher.start()
 
@@ -1108,16 +1113,41 @@ def _sigint_ignored():
         signal.signal(signal.SIGINT, previous)
 
 
+def _local_controller(pid: int) -> int:
+    """The pid of submitit's local controller: `pid` itself, or its child when submitit started
+    it through a shell (resources with `setup` lines)."""
+    def is_controller(p: int) -> bool:
+        try:
+            # an argument of its own (`-m submitit.local._local`), not inside a shell's -c string
+            return b"submitit.local._local" in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+
+    if is_controller(pid) or not Path("/proc/self/stat").exists():
+        return pid
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid and is_controller(int(entry.name)):
+            return int(entry.name)
+    return pid
+
+
 def _stop_local(process: subprocess.Popen | None, label: str, grace_s: float) -> None:
     """Stop a local job quietly: SIGTERM to submitit's controller, which forwards it to the
     tasks (their hooks ask them to save and return; the grace watchdog interrupts a task that
     does not); SIGKILL if the controller is still there after the grace. (submitit's own
     cancel() sends SIGINT, which prints the controller's KeyboardInterrupt traceback, and which a
-    controller started with SIGINT ignored never sees.)"""
+    controller started with SIGINT ignored never sees.) With `setup` lines the process is a
+    shell: the signal goes to the controller under it, and the shell ends after it."""
     if process is None or process.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
-        process.send_signal(signal.SIGTERM)
+        os.kill(_local_controller(process.pid), signal.SIGTERM)
     try:
         process.wait(timeout=grace_s + 30)
     except (subprocess.TimeoutExpired, _Interrupted):  # too slow, or a second Ctrl-C

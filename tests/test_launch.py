@@ -167,6 +167,7 @@ def test_task_resolution():
 def test_signal_hooks_set_the_flag_and_the_environment():
     hooks = L._SignalHooks(signal.SIGUSR2, grace_s=30)
     previous = signal.getsignal(signal.SIGUSR2)
+    previous_interrupt = signal.getsignal(L.INTERRUPT_SIGNAL)
     hooks.install()
     try:
         assert not L.preemption_requested() and L.preemption_signal() is None
@@ -181,7 +182,9 @@ def test_signal_hooks_set_the_flag_and_the_environment():
         hooks.restore()
         L._PREEMPTION.clear()
     assert signal.getsignal(signal.SIGUSR2) == previous
-    assert L.ENV_PREEMPTED not in os.environ
+    assert signal.getsignal(L.INTERRUPT_SIGNAL) == previous_interrupt
+    assert signal.set_wakeup_fd(-1) == -1  # the wakeup fd is given back
+    assert not hooks.interrupted_by_watchdog and L.ENV_PREEMPTED not in os.environ
 
 
 def _send_after(seconds: float, sig: int) -> threading.Timer:
@@ -332,18 +335,20 @@ def test_local_job_signalled_before_its_time_limit_requeues_and_resumes(tmp_path
     assert int(json.loads((out / "result.json").read_text())["value"]) == launch_tasks.expected_value(24)
 
 
-@pytest.mark.parametrize("how", ["sigterm", "ctrl_c"])
+@pytest.mark.parametrize("how", ["sigterm", "sigterm_setup", "ctrl_c"])
 def test_local_launcher_signal_cancels_the_job_quietly(tmp_path, how):
     """SIGTERM to the launcher, or Ctrl-C (SIGINT to the terminal's whole process group: the
     launcher, submitit's controller and the task), cancels the job with one line and no
-    traceback; the task is asked to stop (it returns at once) and is gone."""
+    traceback; the task is asked to stop (it returns at once) and is gone. With `setup` lines
+    submitit starts its controller through a shell (the workflow's resources have them)."""
     marker = tmp_path / "marker.json"
-    proc = _start_launcher(tmp_path, "local", ["launch_tasks:sleep", str(marker), "300"], {"poll_s": 0.2},
+    resources = {"poll_s": 0.2, **({"setup": ["export OMP_NUM_THREADS=1"]} if how == "sigterm_setup" else {})}
+    proc = _start_launcher(tmp_path, "local", ["launch_tasks:sleep", str(marker), "300"], resources,
                            new_session=how == "ctrl_c")
-    sig = signal.SIGTERM if how == "sigterm" else signal.SIGINT
+    sig = signal.SIGINT if how == "ctrl_c" else signal.SIGTERM
     try:
         task_pid = json.loads(_wait_for_file(marker, proc).read_text())["pid"]
-        if how == "sigterm":
+        if sig == signal.SIGTERM:
             proc.send_signal(sig)
         else:
             os.killpg(proc.pid, sig)
@@ -359,6 +364,8 @@ def test_local_launcher_signal_cancels_the_job_quietly(tmp_path, how):
     job_out = "\n".join(p.read_text() for p in (tmp_path / "logs").glob("*_0_log.out"))
     assert "Traceback" not in job_err, job_err
     assert "sleep: SIGTERM: stopping" in job_out, job_out  # the task was asked, and returned
+    # the launcher waited for the job to end (it did not just leave it to notice the launcher is gone)
+    assert "is gone" not in job_err, job_err
 
 
 def test_local_job_does_not_outlive_a_killed_launcher(tmp_path):
