@@ -1146,12 +1146,15 @@ def _stop_local(process: subprocess.Popen | None, label: str, grace_s: float) ->
     shell: the signal goes to the controller under it, and the shell ends after it."""
     if process is None or process.poll() is not None:
         return
+    controller = _local_controller(process.pid)
     with contextlib.suppress(ProcessLookupError):
-        os.kill(_local_controller(process.pid), signal.SIGTERM)
+        os.kill(controller, signal.SIGTERM)
     try:
         process.wait(timeout=grace_s + 30)
     except (subprocess.TimeoutExpired, _Interrupted):  # too slow, or a second Ctrl-C
-        LOG.warning("%s did not stop; killing it", label)
+        LOG.warning("%s did not stop; killing it (its tasks stop when they see their controller gone)", label)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(controller, signal.SIGKILL)
         process.kill()
         process.wait()
 
