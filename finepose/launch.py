@@ -16,7 +16,9 @@ The launching process waits for the job, logs every state change (PENDING, RUNNI
 requeued, ...) and follows the job's stdout/stderr. It exits 0 when the job completes; when
 the job fails, is cancelled, runs out of memory, hits its time limit or its node dies it
 exits 1 with the reason and the tail of the job's logs. SIGTERM or SIGINT to the launcher
-cancels the job (scancel) and exits 143/130. Job state comes from `query_slurm_state`:
+cancels the job (scancel; a local job gets SIGTERM, so the task saves and returns) and exits
+143/130. A local job does not outlive its launcher: when the launcher is gone (even killed
+with SIGKILL) the job stops the same way. Job state comes from `query_slurm_state`:
 `sacct` when the cluster has accounting, corrected by `scontrol` while the controller still
 holds the job (accounting lags), and `scontrol`/`squeue` alone without accounting. When the
 job's node dies SLURM requeues the job; the launcher then cancels it and exits 1, unless
@@ -44,12 +46,16 @@ trainer polls it between steps, writes RUN_DIR/checkpoints/last.pt and returns. 
 wrapper then requeues the same command through submitit's checkpointing
 (`Checkpointable.checkpoint`); the requeued job runs the same verb with the same arguments
 and the trainer resumes from last.pt. A task that does not return within `preempt_grace_s`
-is interrupted (KeyboardInterrupt) and requeued anyway. SIGTERM (scancel, `scontrol
-requeue`, the hard time limit) also sets the flag, so the trainer saves before SLURM's
-SIGKILL (KillWait seconds later); SLURM itself decides whether the job comes back.
+is interrupted (KeyboardInterrupt) and requeued anyway, whatever SIGINT disposition the job
+inherited (the interrupt uses a signal of its own) and even when the main thread is blocked in
+a long C call as the stop signal comes (a watcher thread notices it, through
+`signal.set_wakeup_fd`). SIGTERM (scancel, `scontrol requeue`, the hard time limit) also
+sets the flag, so the trainer saves before SLURM's SIGKILL (KillWait seconds later); SLURM
+itself decides whether the job comes back.
 submitit counts a SIGUSR2 as a time-out rather than a preemption once the job has run
 min(80 % of its limit, limit - 10 min); such requeues are limited to `max_num_timeout` (3).
-Inline, SIGTERM sets the same flag and the launch returns 143 once the task has returned.
+Inline, SIGTERM sets the same flag and the launch returns 143 once the task has returned
+(whatever the task's own exit code; the trainer's is 3 for "stopped, last.pt saved").
 """
 from __future__ import annotations
 
@@ -163,62 +169,156 @@ def preemption_signal() -> str | None:
     return None if _PREEMPTION.signum is None else signal.Signals(_PREEMPTION.signum).name
 
 
+# The signal the grace watchdog sends to the main thread to interrupt a task that ignores the
+# stop request. Not SIGINT: a process started in the background from a non-interactive shell
+# (`cmd &`, nohup, many cluster wrappers) inherits SIGINT as ignored, and the trainer's own
+# SIGINT handler only asks for a stop. The hooks install their own handler for this signal
+# while they are active; SIGURG is used because its default action is to ignore it (a late
+# delivery after restore() is harmless) and a training process has no use for it (it announces
+# out-of-band socket data).
+INTERRUPT_SIGNAL = signal.SIGURG
+
+
 class _SignalHooks:
     """Installs the job's SIGUSR2/SIGTERM handlers around the task.
 
     The handlers only set the preemption flag; submitit's own SIGUSR2 handler (checkpoint +
     `scontrol requeue` + exit) is kept and called after the task returned. A watchdog thread
-    interrupts the main thread when the task has not returned `grace_s` after SIGUSR2.
+    interrupts the main thread (KeyboardInterrupt, through INTERRUPT_SIGNAL and a handler of
+    ours) when the task has not returned `grace_s` after the stop request.
+
+    The request is noticed without the main thread: Python's C-level handler writes the signal
+    number to a wakeup fd (`signal.set_wakeup_fd`) from whichever thread the kernel picked, and
+    a watcher thread reading it sets the flag and arms the watchdog. The Python-level handler
+    runs in the main thread only between bytecodes, so a main thread blocked in a long C call,
+    or a signal taken by another thread, would otherwise leave the grace unenforced. The
+    watcher thread keeps the stop signals unblocked, so some thread can always take them.
     """
 
     def __init__(self, usr_sig: int | None, grace_s: float) -> None:
         self.usr_sig = usr_sig
         self.grace_s = grace_s
+        self.sigs = [signal.SIGTERM] + ([usr_sig] if usr_sig is not None else [])
         self.previous: dict[int, Any] = {}
         self.watchdog: threading.Timer | None = None
         self.interrupted_by_watchdog = False
+        self._lock = threading.RLock()  # re-entrant: the main thread's handler may run inside restore()
+        self._active = False
+        self._announced: set[int] = set()
+        self._wakeup: tuple[int, int] | None = None  # (read, write) ends of our wakeup pipe
+        self._previous_wakeup = -1
+        self._watcher: threading.Thread | None = None
 
     def install(self) -> None:
         _PREEMPTION.clear()
         if threading.current_thread() is not threading.main_thread():
             return
-        sigs = [signal.SIGTERM] + ([self.usr_sig] if self.usr_sig is not None else [])
-        for sig in sigs:
+        self._active = True
+        for sig in self.sigs:
             self.previous[sig] = signal.signal(sig, self._handler)
+        self.previous[INTERRUPT_SIGNAL] = signal.signal(INTERRUPT_SIGNAL, self._interrupt_handler)
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)  # set_wakeup_fd wants a non-blocking fd
+        try:
+            self._previous_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        except ValueError:  # not the main interpreter: the Python-level handlers alone
+            os.close(read_fd)
+            os.close(write_fd)
+            return
+        self._wakeup = (read_fd, write_fd)
+        self._watcher = threading.Thread(target=self._watch, name="finepose-signal-watcher", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        assert self._wakeup is not None
+        read_fd = self._wakeup[0]
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.sigs)
+        while True:
+            try:
+                data = os.read(read_fd, 512)
+            except OSError:
+                return
+            for signum in data:
+                if signum == 0:  # restore()'s stop byte
+                    return
+                if self._previous_wakeup >= 0:  # whoever had the wakeup fd before us still hears
+                    with contextlib.suppress(OSError):
+                        os.write(self._previous_wakeup, bytes([signum]))
+                if signum in self.sigs:
+                    self._on_signal(signum)
+            if not data:
+                return
 
     def _handler(self, signum: int, frame: Any) -> None:
-        first = _PREEMPTION.signum is None
-        _PREEMPTION.set(signum)
-        print(f"finepose launch: caught {signal.Signals(signum).name}: asking the task to save and stop "
-              f"(preemption_requested() is now True)", file=sys.stderr, flush=True)
-        if first or signum == self.usr_sig:
-            self._start_watchdog()
+        self._on_signal(signum)
+
+    def _on_signal(self, signum: int) -> None:
+        with self._lock:
+            if not self._active:
+                return
+            first = _PREEMPTION.signum is None
+            _PREEMPTION.set(signum)
+            announce = signum not in self._announced
+            self._announced.add(signum)
+            if first or signum == self.usr_sig:
+                self._start_watchdog()
+        if announce:  # outside the lock: printing can block on a full pipe
+            print(f"finepose launch: caught {signal.Signals(signum).name}: asking the task to save and "
+                  "stop (preemption_requested() is now True)", file=sys.stderr, flush=True)
+
+    def _interrupt_handler(self, signum: int, frame: Any) -> None:
+        if self.interrupted_by_watchdog and self._active:
+            raise KeyboardInterrupt
+        previous = self.previous.get(signum)
+        if callable(previous):
+            previous(signum, frame)
 
     def _start_watchdog(self) -> None:
         if self.watchdog is not None:
             return
         main_ident = threading.main_thread().ident
+        assert main_ident is not None
 
         def fire() -> None:
-            self.interrupted_by_watchdog = True
-            print(f"finepose launch: the task did not return within {self.grace_s:.0f} s of the stop "
+            if not self._active:
+                return
+            print(f"finepose launch: the task did not return within {self.grace_s:g} s of the stop "
                   "request; interrupting it", file=sys.stderr, flush=True)
-            # a real SIGINT aimed at the main thread also breaks a blocking sleep/read there
-            signal.pthread_kill(main_ident, signal.SIGINT)
+            with self._lock:  # restore() cannot put the default disposition back in between
+                if not self._active:
+                    return
+                self.interrupted_by_watchdog = True
+                # aimed at the main thread, the signal also breaks a blocking sleep/read/wait there
+                signal.pthread_kill(main_ident, INTERRUPT_SIGNAL)
 
         self.watchdog = threading.Timer(self.grace_s, fire)
         self.watchdog.daemon = True
         self.watchdog.start()
 
     def stop_watchdog(self) -> None:
-        if self.watchdog is not None:
-            self.watchdog.cancel()
+        with self._lock:
+            self._active = False
+            if self.watchdog is not None:
+                self.watchdog.cancel()
 
     def restore(self) -> None:
         self.stop_watchdog()
         for sig, handler in self.previous.items():
             with contextlib.suppress(Exception):
                 signal.signal(sig, handler)
+        if self._wakeup is not None:
+            read_fd, write_fd = self._wakeup
+            with contextlib.suppress(Exception):
+                signal.set_wakeup_fd(self._previous_wakeup)
+            with contextlib.suppress(OSError):
+                os.write(write_fd, b"\0")
+            if self._watcher is not None:
+                self._watcher.join(timeout=5)
+            for fd in (read_fd, write_fd):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._wakeup = None
+            self._watcher = None
 
     def submitit_handler(self) -> Callable[[int, Any], None] | None:
         handler = self.previous.get(self.usr_sig) if self.usr_sig is not None else None
@@ -283,6 +383,67 @@ def ddp_environment(job_env: Any) -> dict[str, str]:
     }
 
 
+def _process_identity(pid: int) -> str | None:
+    """A token for a live process: its start time on Linux (/proc/PID/stat), so a recycled pid
+    is not taken for the same process; None when the process is gone (or a zombie)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():
+            return None
+        try:  # no procfs (macOS): only whether the pid exists
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return "alive"
+    fields = text[text.rindex(")") + 2:].split()  # fields[0] is field 3 (state), fields[19] field 22
+    if fields[0] in ("Z", "X"):
+        return None
+    return fields[19]
+
+
+class _LauncherWatch:
+    """Stops a local job whose launcher is gone (killed with SIGKILL, crashed): the job would run
+    on unsupervised with parent PID 1, and a rerun would start a second copy beside it.
+
+    A thread of the job polls the launcher's pid (and start time) and its own parent, the
+    submitit controller; when either is gone it sends SIGTERM to its own process, which the
+    signal hooks turn into a stop request (the trainer saves last.pt and returns; a task that
+    does not return is interrupted after the grace). If the process is still there
+    `grace_s + 30` s later, it exits hard."""
+
+    def __init__(self, pid: int, identity: str, grace_s: float, poll_s: float = 1.0) -> None:
+        self.pid = pid
+        self.identity = identity
+        self.grace_s = grace_s
+        self.poll_s = poll_s
+        self.parent = os.getppid()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="finepose-launcher-watch", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.done.set()
+
+    def _run(self) -> None:
+        while not self.done.wait(self.poll_s):
+            if _process_identity(self.pid) == self.identity and os.getppid() == self.parent:
+                continue
+            who = (f"the launcher (pid {self.pid})" if _process_identity(self.pid) != self.identity
+                   else f"the job's controller (pid {self.parent})")
+            print(f"finepose launch: {who} is gone; stopping this local job so that it does not run on "
+                  "unsupervised", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+            if not self.done.wait(self.grace_s + 30):
+                print("finepose launch: the local job did not stop; exiting", file=sys.stderr, flush=True)
+                os._exit(128 + signal.SIGTERM)
+            return
+
+
 class TaskFailed(RuntimeError):
     """The task inside the job returned a non-zero exit code."""
 
@@ -304,11 +465,14 @@ class JobTask(_checkpointable_base()):  # type: ignore[misc]
     """
 
     def __init__(self, task: str, args: Sequence[str], sys_path: str | None = None,
-                 grace_s: float = DEFAULT_SIGNAL_DELAY_S - 30) -> None:
+                 grace_s: float = DEFAULT_SIGNAL_DELAY_S - 30,
+                 launcher: tuple[int, str] | None = None) -> None:
         self.task = task
         self.args = list(args)
         self.sys_path = sys_path
         self.grace_s = float(grace_s)
+        # local jobs: (pid, start time) of the launching process; the job stops when it is gone
+        self.launcher = launcher
 
     def __call__(self) -> int:
         import submitit
@@ -324,6 +488,10 @@ class JobTask(_checkpointable_base()):  # type: ignore[misc]
               f"MASTER_ADDR={env['MASTER_ADDR']} MASTER_PORT={env['MASTER_PORT']}", flush=True)
         hooks = _SignalHooks(job_env._usr_sig(), self.grace_s)
         hooks.install()
+        guard = None
+        if self.launcher is not None and os.environ.get("SUBMITIT_EXECUTOR") == "local":
+            guard = _LauncherWatch(*self.launcher, grace_s=self.grace_s)
+            guard.start()
         code: int | None = None
         try:
             code = _run_task(self.task, self.args)
@@ -331,7 +499,9 @@ class JobTask(_checkpointable_base()):  # type: ignore[misc]
             if _PREEMPTION.signum is None:
                 raise
         finally:
-            hooks.stop_watchdog()
+            if guard is not None:
+                guard.stop()
+            hooks.restore()
         signum = _PREEMPTION.signum
         if signum is not None and signum == hooks.usr_sig:
             print(f"finepose launch: task stopped after {signal.Signals(signum).name} (exit code {code}); "
@@ -341,8 +511,10 @@ class JobTask(_checkpointable_base()):  # type: ignore[misc]
                 handler(signum, None)  # checkpoint() + requeue + sys.exit; raises when not requeued
             raise SystemExit(0)
         if signum is not None:
+            why = ("the local job is being stopped" if os.environ.get("SUBMITIT_EXECUTOR") == "local"
+                   else "SLURM is ending or requeueing this job")
             print(f"finepose launch: task stopped after {signal.Signals(signum).name} (exit code {code}); "
-                  "SLURM is ending or requeueing this job", file=sys.stderr, flush=True)
+                  f"{why}", file=sys.stderr, flush=True)
             raise SystemExit(128 + signum)
         if code != 0:
             raise TaskFailed(f"finepose {self.task} exited with code {code}")
@@ -744,9 +916,10 @@ def _launch_inline(task: str, args: list[str], res: dict[str, Any]) -> int:
     finally:
         hooks.restore()
     if _PREEMPTION.signum is not None:
-        LOG.warning("%s stopped after %s", task, preemption_signal())
-        if code == 0:
-            code = 128 + _PREEMPTION.signum
+        # stopped by a signal: 128 + its number whatever the task returned (the trainer returns
+        # 3 for "preempted, last.pt saved"), so a caller sees why it ended
+        LOG.warning("%s stopped after %s (its exit code %s)", task, preemption_signal(), code)
+        code = 128 + _PREEMPTION.signum
         _PREEMPTION.clear()
     LOG.info("%s finished inline with exit code %d after %.1f s", task, code, time.time() - t0)
     return code
@@ -927,6 +1100,65 @@ def _cancel_slurm(job_id: str, label: str, logs: list[Path], record: _Record, si
     return 128 + signum
 
 
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored in this block (children started in it inherit that), then restored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _local_controller(pid: int) -> int:
+    """The pid of submitit's local controller: `pid` itself, or its child when submitit started
+    it through a shell (resources with `setup` lines)."""
+    def is_controller(p: int) -> bool:
+        try:
+            # an argument of its own (`-m submitit.local._local`), not inside a shell's -c string
+            return b"submitit.local._local" in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+
+    if is_controller(pid) or not Path("/proc/self/stat").exists():
+        return pid
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid and is_controller(int(entry.name)):
+            return int(entry.name)
+    return pid
+
+
+def _stop_local(process: subprocess.Popen | None, label: str, grace_s: float) -> None:
+    """Stop a local job quietly: SIGTERM to submitit's controller, which forwards it to the
+    tasks (their hooks ask them to save and return; the grace watchdog interrupts a task that
+    does not); SIGKILL if the controller is still there after the grace. (submitit's own
+    cancel() sends SIGINT, which prints the controller's KeyboardInterrupt traceback, and which a
+    controller started with SIGINT ignored never sees.) With `setup` lines the process is a
+    shell: the signal goes to the controller under it, and the shell ends after it."""
+    if process is None or process.poll() is not None:
+        return
+    controller = _local_controller(process.pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(controller, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s + 30)
+    except (subprocess.TimeoutExpired, _Interrupted):  # too slow, or a second Ctrl-C
+        LOG.warning("%s did not stop; killing it (its tasks stop when they see their controller gone)", label)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(controller, signal.SIGKILL)
+        process.kill()
+        process.wait()
+
+
 def _launch_local(job_task: JobTask, res: dict[str, Any], log_dir: Path, name: str,
                   record: _Record, follow: bool) -> int:
     import submitit
@@ -945,8 +1177,11 @@ def _launch_local(job_task: JobTask, res: dict[str, Any], log_dir: Path, name: s
         raise FinePoseError("launch: the local executor runs on one node; set nodes: 1 or use --executor slurm")
     executor.update_parameters(**params)
     poll_s = float(res.get("poll_s", DEFAULT_POLL_S))
+    job_task.launcher = (os.getpid(), _process_identity(os.getpid()) or "alive")
     with _InterruptGuard() as guard:
-        with guard.held():
+        with guard.held(), _sigint_ignored():
+            # the controller and the tasks inherit SIGINT as ignored: Ctrl-C in a terminal reaches
+            # the whole process group, and the launcher alone turns it into an orderly stop
             job = executor.submit(job_task)
         job_id = str(job.job_id)
         label = f"local job {job_id} ({name})"
@@ -964,13 +1199,7 @@ def _launch_local(job_task: JobTask, res: dict[str, Any], log_dir: Path, name: s
                 time.sleep(poll_s)
         except _Interrupted as intr:
             LOG.warning("received %s: cancelling %s", signal.Signals(intr.signum).name, label)
-            job.cancel()
-            process = getattr(job, "_process", None)
-            if process is not None:
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            _stop_local(getattr(job, "_process", None), label, job_task.grace_s)
             record.update(state="CANCELLED", reason=f"launcher received {signal.Signals(intr.signum).name}",
                           exit=128 + intr.signum, finished=time.time())
             return 128 + intr.signum

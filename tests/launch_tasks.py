@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -107,4 +109,61 @@ def env(argv: list[str]) -> int:
     keys = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"]
     out = Path(argv[0])
     atomic_write_json(out / f"rank{os.environ.get('RANK', 'none')}.json", {k: os.environ.get(k) for k in keys})
+    return 0
+
+
+def _record(out: Path, name: str, **extra) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / name, "a") as handle:
+        handle.write(json.dumps({"pid": os.getpid(), "time": time.time(),
+                                 "restart": os.environ.get("SLURM_RESTART_COUNT", "0"), **extra}) + "\n")
+
+
+def _sigint_disposition() -> str:
+    handler = signal.getsignal(signal.SIGINT)
+    return {signal.SIG_IGN: "ignored", signal.SIG_DFL: "default"}.get(handler, "handled")
+
+
+def stubborn(argv: list[str]) -> int:
+    """stubborn OUT_DIR SECONDS [--ignore-sigint]: a task that never polls preemption_requested().
+
+    Appends a line per start to OUT_DIR/attempts.jsonl (pid, SIGINT disposition), sleeps
+    SECONDS, and records an interrupt in OUT_DIR/interrupted.jsonl before re-raising it.
+    --ignore-sigint sets SIGINT to ignored first, as a process started with `&` or nohup
+    inherits it (for jobs whose start we do not control, on SLURM)."""
+    out, seconds = Path(argv[0]), float(argv[1])
+    if "--ignore-sigint" in argv[2:]:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _record(out, "attempts.jsonl", sigint=_sigint_disposition())
+    print("stubborn: started; not polling the stop request", flush=True)
+    try:
+        time.sleep(seconds)
+    except KeyboardInterrupt:
+        _record(out, "interrupted.jsonl")
+        print("stubborn: interrupted", flush=True)
+        raise
+    print("stubborn: slept to the end", flush=True)
+    return 0
+
+
+def blocked(argv: list[str]) -> int:
+    """blocked OUT_DIR: a task whose main thread sits in a blocking C call that the stop signal
+    does not interrupt, so the Python-level handler cannot run. The main thread blocks SIGTERM
+    and SIGUSR2 (the kernel then hands them to another thread, as it may in any threaded
+    process: here a helper thread started before) and waits on an event nobody sets; only the
+    grace watchdog can end it. Records OUT_DIR/attempts.jsonl and interrupted.jsonl."""
+    out = Path(argv[0])
+    threading.Thread(target=threading.Event().wait, name="helper", daemon=True).start()
+    stop = {signal.SIGTERM, signal.SIGUSR2}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    _record(out, "attempts.jsonl", sigint=_sigint_disposition())
+    print("blocked: waiting with SIGTERM/SIGUSR2 blocked in the main thread", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        _record(out, "interrupted.jsonl")
+        print("blocked: interrupted", flush=True)
+        raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop)
     return 0

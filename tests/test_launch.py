@@ -29,6 +29,51 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _start_launcher(tmp: Path, executor: str, command: list[str], resources: dict, *, sigint_ignored: bool = False,
+                    new_session: bool = False) -> subprocess.Popen:
+    """`python -m finepose launch` in a child process; `sigint_ignored`: started as `cmd &` from
+    a script or nohup starts it (SIGINT inherited as ignored)."""
+    cmd = [sys.executable, "-m", "finepose", "launch", "--executor", executor, "--resources", json.dumps(resources),
+           "--log-dir", str(tmp / "logs"), "--name", "t", "--", *command]
+    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_ignore_sigint if sigint_ignored else None, start_new_session=new_session)
+
+
+def _wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 120) -> Path:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{path} never appeared (launcher exit {proc.poll()})\n{proc.communicate()}")
+        time.sleep(0.1)
+    return path
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"the launcher was still running {timeout} s after the signal\nstdout:\n{out}\nstderr:\n{err}")
+    return proc.returncode, out, err
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while L._process_identity(pid) is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return L._process_identity(pid) is None
+
+
 # ------------------------------------------------------------------------------ resources
 def test_resources_from_yaml_json_inline_and_nested(tmp_path):
     yaml_file = tmp_path / "res.yaml"
@@ -122,6 +167,7 @@ def test_task_resolution():
 def test_signal_hooks_set_the_flag_and_the_environment():
     hooks = L._SignalHooks(signal.SIGUSR2, grace_s=30)
     previous = signal.getsignal(signal.SIGUSR2)
+    previous_interrupt = signal.getsignal(L.INTERRUPT_SIGNAL)
     hooks.install()
     try:
         assert not L.preemption_requested() and L.preemption_signal() is None
@@ -136,7 +182,9 @@ def test_signal_hooks_set_the_flag_and_the_environment():
         hooks.restore()
         L._PREEMPTION.clear()
     assert signal.getsignal(signal.SIGUSR2) == previous
-    assert L.ENV_PREEMPTED not in os.environ
+    assert signal.getsignal(L.INTERRUPT_SIGNAL) == previous_interrupt
+    assert signal.set_wakeup_fd(-1) == -1  # the wakeup fd is given back
+    assert not hooks.interrupted_by_watchdog and L.ENV_PREEMPTED not in os.environ
 
 
 def _send_after(seconds: float, sig: int) -> threading.Timer:
@@ -171,6 +219,77 @@ def test_inline_task_that_ignores_the_request_is_interrupted_after_the_grace(tmp
         timer.cancel()
     assert code == 128 + signal.SIGTERM
     assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.parametrize("executor", ["inline", "local"])
+def test_grace_interrupt_works_with_sigint_ignored(tmp_path, executor):
+    """A process started with `&` from a script or with nohup inherits SIGINT as ignored; the
+    grace watchdog must interrupt a task that ignores the stop request all the same (inline:
+    SIGTERM to the launcher; local: SIGTERM to the job's task, as SLURM sends it)."""
+    out = tmp_path / "out"
+    proc = _start_launcher(tmp_path, executor, ["launch_tasks:stubborn", str(out), "900"],
+                           {"preempt_grace_s": 1, "poll_s": 0.2}, sigint_ignored=True)
+    try:
+        first = _jsonl(_wait_for_file(out / "attempts.jsonl", proc))[0]
+        assert first["sigint"] == "ignored"  # the task really runs with SIGINT ignored
+        os.kill(proc.pid if executor == "inline" else first["pid"], signal.SIGTERM)
+        code, _, err = _finish(proc, 240)  # the task would sleep 900 s
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (out / "interrupted.jsonl").exists(), err
+    if executor == "inline":
+        assert code == 128 + signal.SIGTERM, err
+        text = err
+    else:  # the job ends with 143, which the launcher reports as a failed job
+        assert code == 1, err
+        text = "\n".join(p.read_text() for p in (tmp_path / "logs").glob("*_0_log.err"))
+    assert text.index("caught SIGTERM") < text.index("did not return within 1 s of the stop request"), text
+
+
+def test_grace_interrupt_fires_while_the_main_thread_is_blocked(tmp_path):
+    """The stop signal lands on another thread while the main thread sits in a blocking call
+    (launch_tasks:blocked), so the Python-level handler never runs there: the grace timer must
+    be armed without it, and its interrupt must end the task."""
+    out = tmp_path / "out"
+    proc = _start_launcher(tmp_path, "inline", ["launch_tasks:blocked", str(out)], {"preempt_grace_s": 1})
+    try:
+        _wait_for_file(out / "attempts.jsonl", proc)
+        proc.send_signal(signal.SIGTERM)
+        code, _, err = _finish(proc, 240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 128 + signal.SIGTERM, err
+    assert (out / "interrupted.jsonl").exists(), err
+    assert err.index("caught SIGTERM") < err.index("did not return within 1 s"), err
+
+
+def _sigterm_once_hooked(timeout: float = 300) -> None:
+    """Send SIGTERM to this process as soon as the launcher's signal hooks are installed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        handler = signal.getsignal(signal.SIGTERM)
+        if isinstance(getattr(handler, "__self__", None), L._SignalHooks):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        time.sleep(0.02)
+
+
+def test_inline_train_stopped_by_sigterm_exits_143(tmp_path):
+    """The trainer saves last.pt and returns on the stop request (its own exit code 3); an inline
+    launch stopped by SIGTERM exits 128 + 15 as the launcher promises."""
+    from engine_helpers import run_config, write_config, write_dataset
+
+    config = write_config(tmp_path / "run.json", run_config(write_dataset(tmp_path / "data"), train={"epochs": 200}))
+    run_dir = tmp_path / "run"
+    sender = threading.Thread(target=_sigterm_once_hooked, daemon=True)
+    sender.start()
+    code = L.launch("train", [str(config), "--out", str(run_dir), "--device", "cpu"], executor="inline")
+    sender.join(timeout=5)
+    assert code == 128 + signal.SIGTERM
+    assert (run_dir / "checkpoints" / "last.pt").exists() and not (run_dir / "done.json").exists()
+    assert not L.preemption_requested()
 
 
 def test_inline_results(tmp_path, capsys):
@@ -216,28 +335,55 @@ def test_local_job_signalled_before_its_time_limit_requeues_and_resumes(tmp_path
     assert int(json.loads((out / "result.json").read_text())["value"]) == launch_tasks.expected_value(24)
 
 
-def test_local_launcher_sigterm_cancels_the_job(tmp_path):
+@pytest.mark.parametrize("how", ["sigterm", "sigterm_setup", "ctrl_c"])
+def test_local_launcher_signal_cancels_the_job_quietly(tmp_path, how):
+    """SIGTERM to the launcher, or Ctrl-C (SIGINT to the terminal's whole process group: the
+    launcher, submitit's controller and the task), cancels the job with one line and no
+    traceback; the task is asked to stop (it returns at once) and is gone. With `setup` lines
+    submitit starts its controller through a shell (the workflow's resources have them)."""
     marker = tmp_path / "marker.json"
-    cmd = [sys.executable, "-m", "finepose", "launch", "--executor", "local", "--resources", '{"poll_s": 0.2}',
-           "--log-dir", str(tmp_path / "logs"), "--name", "sleepy", "--", "launch_tasks:sleep", str(marker), "60"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    resources = {"poll_s": 0.2, **({"setup": ["export OMP_NUM_THREADS=1"]} if how == "sigterm_setup" else {})}
+    proc = _start_launcher(tmp_path, "local", ["launch_tasks:sleep", str(marker), "300"], resources,
+                           new_session=how == "ctrl_c")
+    sig = signal.SIGINT if how == "ctrl_c" else signal.SIGTERM
     try:
-        deadline = time.monotonic() + 60
-        while not marker.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.1)
-        task_pid = json.loads(marker.read_text())["pid"]
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=40)
+        task_pid = json.loads(_wait_for_file(marker, proc).read_text())["pid"]
+        if sig == signal.SIGTERM:
+            proc.send_signal(sig)
+        else:
+            os.killpg(proc.pid, sig)
+        code, out, err = _finish(proc, 120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "received SIGTERM: cancelling local job" in err
-    deadline = time.monotonic() + 10
-    while Path(f"/proc/{task_pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not Path(f"/proc/{task_pid}").exists(), "the job's process survived the cancel"
+    assert code == 128 + sig, err
+    assert f"received {sig.name}: cancelling local job" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert _gone(task_pid, 30), "the job's process survived the cancel"
+    job_err = "\n".join(p.read_text() for p in (tmp_path / "logs").glob("*_0_log.err"))
+    job_out = "\n".join(p.read_text() for p in (tmp_path / "logs").glob("*_0_log.out"))
+    assert "Traceback" not in job_err, job_err
+    assert "sleep: SIGTERM: stopping" in job_out, job_out  # the task was asked, and returned
+    # the launcher waited for the job to end (it did not just leave it to notice the launcher is gone)
+    assert "is gone" not in job_err, job_err
+
+
+def test_local_job_does_not_outlive_a_killed_launcher(tmp_path):
+    """kill -9 of the launcher: the local job notices, stops like a cancelled one (the task is
+    asked to save and return) and is gone; no orphan with parent PID 1 keeps training."""
+    marker = tmp_path / "marker.json"
+    proc = _start_launcher(tmp_path, "local", ["launch_tasks:sleep", str(marker), "600"],
+                           {"poll_s": 0.2, "preempt_grace_s": 5})
+    try:
+        task_pid = json.loads(_wait_for_file(marker, proc).read_text())["pid"]
+        controller_pid = int(json.loads((tmp_path / "logs" / "t.job.json").read_text())["job_id"])
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _gone(task_pid, 120), "the local job's task outlived its launcher"
+    assert _gone(controller_pid, 30), "submitit's controller outlived the launcher"
+    job_err = "\n".join(p.read_text() for p in (tmp_path / "logs").glob("*_0_log.err"))
+    assert f"the launcher (pid {proc.pid}) is gone" in job_err, job_err
 
 
 # ------------------------------------------------------------------- SLURM state parsing

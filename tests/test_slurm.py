@@ -266,6 +266,37 @@ def test_signal_to_launcher_cancels_job(slurm_cluster, tmp_path, sig):
     assert final_state(job_id).state == "CANCELLED"
 
 
+@pytest.mark.parametrize("task", ["stubborn", "blocked"])
+def test_task_ignoring_the_preemption_signal_is_interrupted_and_requeued(slurm_cluster, tmp_path, task):
+    """A task that does not return after SIGUSR2 is interrupted after preempt_grace_s and the
+    job requeued: with SIGINT ignored in the task (stubborn --ignore-sigint: the disposition a
+    job wrapper started with `&` or nohup passes on), and with the main thread stuck in a
+    blocking call while another thread takes the signal (blocked)."""
+    out = tmp_path / "out"
+    command = ["launch_tasks:stubborn", str(out), "900", "--ignore-sigint"] if task == "stubborn" else \
+        ["launch_tasks:blocked", str(out)]
+    proc = start_launcher(tmp_path, "grace", command, {"preempt_grace_s": 2})
+    try:
+        job_id = job_id_of(tmp_path, "grace", proc)
+        attempts = out / "attempts.jsonl"
+        wait_for(attempts.exists, 60, "the job to start", proc)
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+        wait_for(lambda: len(attempts.read_text().splitlines()) >= 2, 120, "the requeued attempt", proc)
+        proc.send_signal(signal.SIGTERM)  # end the second attempt, which would wait forever
+        code, text, _ = finish(proc, FAIL_WITHIN_S + 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 128 + signal.SIGTERM, text
+    first, second = [json.loads(line) for line in attempts.read_text().splitlines()[:2]]
+    if task == "stubborn":
+        assert first["sigint"] == "ignored"
+    interrupted = [json.loads(line) for line in (out / "interrupted.jsonl").read_text().splitlines()]
+    assert interrupted[0]["pid"] == first["pid"] and second["restart"] == "1"
+    assert text.index("caught SIGUSR2") < text.index("did not return within 2 s"), text
+    assert "was requeued" in text, text
+
+
 def test_node_failure_exits_nonzero(own_cluster, tmp_path):
     marker = tmp_path / "marker.json"
     proc = start_launcher(tmp_path, "node", ["launch_tasks:sleep", str(marker), "120"])
