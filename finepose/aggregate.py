@@ -339,7 +339,9 @@ def _reprojection_distance(h: torch.Tensor, keypoints_2d: Any, intrinsics: Any, 
     elif root == "estimate":
         traj = estimate_root(h.mean(dim=-4), kp, intrinsics).unsqueeze(-3)   # (*lead, 1, F, 3)
     else:
-        traj = estimate_root(h, kp.unsqueeze(-4), intrinsics)           # (*lead, H, F, 3)
+        # One solve per hypothesis with H moved in front, so that per-clip intrinsics (*c) keep
+        # aligning with the trailing clip axes of *lead rather than with the hypothesis axis.
+        traj = estimate_root(h.movedim(-4, 0), kp, intrinsics).movedim(0, -3)   # (*lead, H, F, 3)
     cam = _camera(intrinsics, h, extra_axes=3)                          # (*c, 1, 1, 1, n)
     proj = _project(h + traj.unsqueeze(-2), cam)                       # (*lead, H, F, J, 2)
     return torch.linalg.vector_norm(proj - kp.unsqueeze(-4), dim=-1)

@@ -185,6 +185,30 @@ def test_p_agg_picks_per_frame_the_pose_that_reprojects_best(camera):
         assert info["uses_gt_root"] == (root == "gt")
 
 
+@pytest.mark.parametrize("mode", ["p_agg", "j_agg"])
+def test_root_per_hypothesis_uses_each_clips_own_camera(camera, mode):
+    """root='estimate_each' with one camera per clip: the camera axis belongs to the clips, not to
+    the hypothesis axis. (It was aligned with H: with H == B clip b's hypothesis h was solved with
+    clip h's camera; with H != B the shapes failed to broadcast or blew up to B x H.)"""
+    other = {**camera, "f": camera["f"] * 0.8, "c": camera["c"] + [40.0, -25.0]}
+    gt, traj = _scene(frames=5, clips=2, seed=7)
+    cams = {key: np.stack([camera[key], other[key]]) for key in ("f", "c", "k", "p")}   # (B=2, .)
+    kp = A.reproject(gt, traj, cams)
+    rng = np.random.default_rng(7)
+    for H in (2, 3):                                                   # H == B, and H != B
+        hyps = np.repeat(gt[:, None], H, axis=1) + _lateral(rng, (2, H, 5, J), 0.03)
+        hyps[..., 0, :] = 0.0
+        pose, info = A.aggregate(hyps, mode, keypoints_2d=kp, intrinsics=cams, root="estimate_each")
+        assert pose.shape == gt.shape
+        for b, single in enumerate((camera, other)):                   # each clip alone, its camera alone
+            alone, alone_info = A.aggregate(hyps[b], mode, keypoints_2d=kp[b], intrinsics=single,
+                                            root="estimate_each")
+            np.testing.assert_array_equal(info["selected"][b], alone_info["selected"])
+            np.testing.assert_allclose(pose[b], alone, atol=1e-12)
+    est = A.estimate_root(hyps.transpose(1, 0, 2, 3, 4), kp, cams)      # (H, B, F, 3): H in front is fine
+    np.testing.assert_allclose(est[0], A.estimate_root(hyps[:, 0], kp, cams))
+
+
 def test_jpma_with_a_step_axis_and_torch(camera):
     gt, traj, kp, hyps, owner = _jpma_case(camera)
     steps = torch.tensor(np.stack([hyps, hyps[:, ::-1]]), dtype=torch.float32)  # (M=2, B, H, F, J, 3)
@@ -209,6 +233,64 @@ def test_p_mpjpe_of_j_agg_aligns_the_aggregate(camera):
     per_hyp = metrics.joint_errors(hyps, np.repeat(gt[:, None], hyps.shape[1], 1), alignment="procrustes")
     released = np.take_along_axis(per_hyp, info["selected"][:, None], axis=1).mean()
     assert abs(released - ours) > 0.1                                   # a different quantity (mm)
+
+
+# ---------------------------------------------------------------- when JPMA beats the mean, and when not
+def _hypotheses(gt, H, rng, kind):
+    """H hypotheses around gt: independent Gaussian errors (30 mm per axis), or mostly tight ones
+    (10 mm) with per-joint outliers (each joint of each hypothesis 300 mm off with probability 0.2)."""
+    shape = (gt.shape[0], H, *gt.shape[1:])
+    if kind == "gaussian":
+        hyps = gt[:, None] + rng.normal(scale=0.03, size=shape)
+    else:
+        direction = rng.normal(size=shape)
+        direction /= np.linalg.norm(direction, axis=-1, keepdims=True)
+        outlier = rng.random((*shape[:-1], 1)) < 0.2
+        hyps = gt[:, None] + rng.normal(scale=0.01, size=shape) + outlier * 0.3 * direction
+    hyps[..., 0, :] = 0.0
+    return hyps
+
+
+def _axis_errors(pose, gt):
+    """Mean absolute error per camera axis (x, y: image plane; z: depth), mm, root joint left out."""
+    return np.abs(pose - gt)[..., 1:, :].reshape(-1, 3).mean(0) * 1000
+
+
+@pytest.mark.parametrize("root", ["gt", "estimate"])
+def test_j_agg_keeps_one_hypothesis_depth_error_so_independent_errors_favour_the_mean(camera, root):
+    """JPMA picks per joint the hypothesis that reprojects best: that sees the image-plane part
+    of a joint's error and almost nothing of its depth. With independent errors the pick is then
+    as good as the mean in x and y (the smallest of H 2D errors and the 2D error of the mean have
+    the same expectation for Gaussian errors) but keeps ONE hypothesis' depth error, which the
+    mean divides by sqrt(H). Exact 2D, a real camera and the ground-truth root: no defect can hide
+    here, and J-Agg still loses to the mean by a factor near 2 at H = 10."""
+    rng = np.random.default_rng(11)
+    gt, traj = _scene(frames=10, clips=4, seed=11)
+    kp = A.reproject(gt, traj, camera)
+    H = 10
+    hyps = _hypotheses(gt, H, rng, "gaussian")
+    pose, _ = A.aggregate(hyps, "j_agg", keypoints_2d=kp, intrinsics=camera, root=root,
+                          trajectory=traj if root == "gt" else None)
+    mean = A.hypothesis_mean(hyps)
+    single = np.mean([_axis_errors(hyps[:, h], gt) for h in range(H)], axis=0)
+    agg, avg = _axis_errors(pose, gt), _axis_errors(mean, gt)
+    assert np.all(np.abs(agg[:2] / avg[:2] - 1) < 0.15)               # image plane: J-Agg ~ mean
+    assert abs(agg[2] / single[2] - 1) < 0.1                           # depth: J-Agg ~ one hypothesis
+    assert agg[2] > 2.5 * avg[2]                                       # ... ~sqrt(10) x the mean's
+    assert metrics.mpjpe(pose, gt) > 1.6 * metrics.mpjpe(mean, gt)
+
+
+@pytest.mark.parametrize("root", ["gt", "estimate"])
+def test_j_agg_beats_the_mean_when_some_hypotheses_are_far_off(camera, root):
+    """The case JPMA is for: most hypotheses agree, a few joints of a few hypotheses are far off.
+    The mean is dragged by every outlier; the reprojection rejects the ones that show in 2D."""
+    rng = np.random.default_rng(12)
+    gt, traj = _scene(frames=10, clips=4, seed=12)
+    kp = A.reproject(gt, traj, camera)
+    hyps = _hypotheses(gt, 10, rng, "outliers")
+    pose, _ = A.aggregate(hyps, "j_agg", keypoints_2d=kp, intrinsics=camera, root=root,
+                          trajectory=traj if root == "gt" else None)
+    assert metrics.mpjpe(pose, gt) < 0.5 * metrics.mpjpe(A.hypothesis_mean(hyps), gt)
 
 
 def test_aggregate_errors_name_the_missing_input(camera):
