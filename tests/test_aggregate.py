@@ -120,6 +120,57 @@ def test_estimate_root_is_exact_for_pinhole_and_distorted_projections(camera):
     np.testing.assert_allclose(est.numpy(), traj, atol=1e-7)
 
 
+def test_root_on_its_ray_is_exact_and_matches_the_root_joints_2d(camera):
+    gt, traj = _scene(frames=6, clips=2, seed=8)
+    kp = A.reproject(gt, traj, camera)
+    np.testing.assert_allclose(A.estimate_root(gt, kp, camera, root_joint=0), traj, atol=1e-9)
+    # a wrong pose (a limb 15 cm off, the whole pose 10 % small): the free fit moves the root
+    # sideways to spread the error; on the ray the root's own 2D stays exact, only depth is off
+    wrong = gt * 0.9
+    wrong[..., 11:17, 0] += 0.15
+    free = A.estimate_root(wrong, kp, camera)
+    ray = A.estimate_root(wrong, kp, camera, root_joint=0)
+    miss = lambda T: np.linalg.norm(A.reproject(wrong, T, camera)[..., 0, :] - kp[..., 0, :], axis=-1)
+    assert miss(ray).max() < 1e-6 and miss(free).mean() > 5.0           # px
+    np.testing.assert_allclose(ray[..., :2] / ray[..., 2:], traj[..., :2] / traj[..., 2:], atol=1e-9)
+    # a joint set whose root is not at the origin of the pose (the ray is through X_r + T)
+    shifted = gt + [0.1, -0.05, 0.2]
+    np.testing.assert_allclose(A.estimate_root(shifted, kp, camera, root_joint=0) + [0.1, -0.05, 0.2], traj,
+                               atol=1e-9)
+    # no weight on the root joint: its 2D is not trusted, the free fit stands
+    weights = np.ones((2, 6, J))
+    weights[..., 0] = 0.0
+    np.testing.assert_allclose(A.estimate_root(wrong, kp, camera, weights=weights, root_joint=0),
+                               A.estimate_root(wrong, kp, camera, weights=weights))
+    # fisheye: the ray of the root's 2D comes from the lens model
+    gt_w, traj_w = _wide_scene(seed=2)
+    np.testing.assert_allclose(A.estimate_root(gt_w, A.reproject(gt_w, traj_w, FISHEYE), FISHEYE, root_joint=0),
+                               traj_w, atol=1e-7)
+
+
+@pytest.mark.parametrize("root", ["estimate", "estimate_each"])
+def test_j_agg_with_the_root_on_its_ray_resists_a_shared_pose_error(camera, root):
+    """Hypotheses that all share one error (an arm 15 cm to the side) except where a hypothesis owns
+    a joint exactly. The free root fit shifts the root to absorb the shared error, and the shifted
+    reprojection then favours the wrong joints; on the root's ray the owners are found as with the
+    ground-truth root."""
+    gt, traj = _scene(frames=6, clips=3, seed=9)
+    kp = A.reproject(gt, traj, camera)
+    rng = np.random.default_rng(9)
+    H = 4
+    hyps = np.repeat(gt[:, None], H, axis=1) + _lateral(rng, (3, H, 6, J), 0.03)
+    hyps[..., 11:17, 0] += 0.15                                        # shared by every hypothesis ...
+    owner = rng.integers(0, H, size=(3, 6, J))
+    for h in range(H):
+        hyps[:, h][owner == h] = gt[owner == h]                        # ... except each joint's owner
+    hyps[..., 0, :] = 0.0
+    found = {}
+    for joint in (None, 0):
+        _, info = A.aggregate(hyps, "j_agg", keypoints_2d=kp, intrinsics=camera, root=root, root_joint=joint)
+        found[joint] = (info["selected"] == owner)[..., 1:].mean()
+    assert found[0] > 0.9 and found[None] < 0.7                       # 0.94-0.98 against 0.54-0.56
+
+
 def test_estimate_root_per_clip_intrinsics_and_weights():
     gt, traj = _scene(frames=4, clips=2)
     per_clip = np.array([[1145.0, 1144.0, 512.0, 515.0], [1500.0, 1500.0, 1017.0, 1043.0]])  # (B, 4)
