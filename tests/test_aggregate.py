@@ -218,6 +218,41 @@ def test_j_agg_with_an_estimated_root_needs_no_ground_truth(camera, root):
     assert metrics.mpjpe(pose, gt) < 0.25 * mean_err
 
 
+def test_evaluate_reprojects_with_the_root_on_the_root_joints_ray():
+    """evaluate's aggregation (also used by lift and figures) gives the joint set's root to the
+    root estimate, so J-Agg there is the ray-constrained one, not the free fit."""
+    from finepose.data.table import Sequence
+    from finepose.data.windows import ClipSource, evaluation_windows, gather, scored_rows
+    from finepose.evaluate import WindowResult, aggregate_window_batch, intrinsics_table
+
+    cam = load_h36m_cameras()[("S9", "54138969")]
+    gt, traj = _scene(frames=27, clips=1, seed=10)
+    absolute = (gt + traj[..., None, :])[0]                             # (27, J, 3) camera frame, m
+    kp = A.reproject(gt, traj, {"f": cam.f, "c": cam.c, "k": cam.k, "p": cam.p})[0]
+    seq = Sequence(dataset="h36m", subject="S9", action="Walking", sequence="Walking 1", camera=cam.id, person="0",
+                   split="test", frame=np.arange(27, dtype=np.int32), keypoints_2d=kp.astype(np.float32),
+                   keypoints_3d=absolute.astype(np.float32), valid=np.ones(27, bool),
+                   keypoints_2d_gt=kp.astype(np.float32), camera_info=cam.table_row("h36m"))
+    source = ClipSource.from_sequences([seq], "h36m17", actions=["Walking"])
+    windows = evaluation_windows(source, 27)
+    batch = gather(source, windows.seq, windows.start, None, 27)
+    rng = np.random.default_rng(10)
+    hyps = np.repeat(batch.y3d[:, None], 4, axis=1) + _lateral(rng, (1, 4, 27, J), 0.03)
+    hyps[..., 11:17, 0] += 0.15                                        # an error all hypotheses share
+    hyps[..., 0, :] = 0.0
+    res = WindowResult(index=np.arange(1), seq=windows.seq, batch=batch, scored=scored_rows(source, windows, 27)[1],
+                       x0=torch.tensor(hyps[None], dtype=torch.float32))
+    table, why = intrinsics_table(source)
+    assert why is None
+    got = aggregate_window_batch(res, source, ["j_agg"], "estimate", table)[0, 0]   # (b, F, J, 3)
+    kwargs = dict(keypoints_2d=torch.tensor(kp[None], dtype=torch.float32),
+                  intrinsics=torch.tensor(table, dtype=torch.float32), root="estimate")
+    on_ray, _ = A.aggregate(res.x0[0], "j_agg", root_joint=0, **kwargs)
+    free, _ = A.aggregate(res.x0[0], "j_agg", **kwargs)
+    np.testing.assert_allclose(got, on_ray.numpy(), atol=1e-6)
+    assert np.abs(free.numpy() - on_ray.numpy()).max() > 1e-3           # the two estimates differ here
+
+
 def test_p_agg_picks_per_frame_the_pose_that_reprojects_best(camera):
     gt, traj = _scene(frames=5, clips=2, seed=5)
     kp = A.reproject(gt, traj, camera)
