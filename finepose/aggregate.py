@@ -310,7 +310,7 @@ def estimate_root(poses: Any, keypoints_2d: Any, intrinsics: Any, weights: Any =
     the projection of the root itself: T is constrained to that joint's ray,
     T = s (x_r, y_r, 1) - X_r, and only the distance s is fitted to the other joints. The
     free fit spreads the pose's own error into a lateral shift of the root (on real data with
-    a weak model about 70 mm, i.e. ~12 px, which steers J-Agg's per-joint choice; see
+    a weak model 58-71 mm, 13-16 px at 5 m, which steers J-Agg's per-joint choice; see
     results/h36m_real/README.md); on the ray the root's 2D is matched exactly and a wrong pose
     costs only depth. Frames where that joint has weight 0 (or no ray) keep the free fit.
     """
