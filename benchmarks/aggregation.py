@@ -11,7 +11,7 @@ decomposes the error (MPJPE in mm over those frames, ground-truth 2D):
 - the modes: one hypothesis on its own (averaged over h), the mean, J-Best / P-Best
   (oracles), J-Agg / P-Agg with the ground-truth root, with the root estimated from the
   hypothesis mean ('estimate') freely or on the root joint's 2D ray ('estimate_on_ray',
-  root_joint=0: Human3.6M's pelvis), and per hypothesis ('estimate_each'),
+  --root-joint, default 0: Human3.6M's pelvis), and per hypothesis ('estimate_each'),
   J-Agg on exact 2D (the ground truth projected), and a random per-joint pick;
 - the root estimate's error (mm, per camera axis);
 - spread and error per camera axis (x, y: image plane; z: depth), root joint left out;
@@ -86,9 +86,10 @@ def sample(checkpoint: Path, data: Path, hypotheses: int, steps: int, every: int
 
 
 def decompose(hyps: np.ndarray, gt: np.ndarray, root: np.ndarray, px: np.ndarray, cam: np.ndarray,
-              seed: int = 0) -> dict:
+              seed: int = 0, root_joint: int = 0) -> dict:
     """The decomposition (see the module docstring) of final-step hypotheses (N, H, J, 3)."""
     n, H = hyps.shape[:2]
+    others = np.arange(gt.shape[1]) != root_joint                     # the root joint's error is 0 by construction
     h5, g4, r3, k4 = hyps[:, :, None], gt[:, None], root[:, None], px[:, None]   # frames as clips, F = 1
 
     def pose(mode, **kw):
@@ -98,16 +99,16 @@ def decompose(hyps: np.ndarray, gt: np.ndarray, root: np.ndarray, px: np.ndarray
         return np.linalg.norm(p - gt, axis=-1) * 1000
 
     def axes(p):
-        return [round(float(v), 2) for v in np.abs(p - gt)[:, 1:].reshape(-1, 3).mean(0) * 1000]
+        return [round(float(v), 2) for v in np.abs(p - gt)[:, others].reshape(-1, 3).mean(0) * 1000]
 
     mean = hyps.mean(1)
     exact = A.reproject(g4, r3, cam)[:, 0]
     t_mean = A.estimate_root(mean[:, None], k4, cam)[:, 0]
-    t_ray = A.estimate_root(mean[:, None], k4, cam, root_joint=0)[:, 0]
+    t_ray = A.estimate_root(mean[:, None], k4, cam, root_joint=root_joint)[:, 0]
     poses = {"single_hypothesis": None, "mean": mean, "j_best": pose("j_best"), "p_best": pose("p_best")}
     for root_kind in ("gt", "estimate", "estimate_each", "estimate_on_ray"):
         kw = {"root": root_kind.replace("_on_ray", ""), "trajectory": r3 if root_kind == "gt" else None,
-              "root_joint": 0 if root_kind.endswith("_on_ray") else None}
+              "root_joint": root_joint if root_kind.endswith("_on_ray") else None}
         poses[f"j_agg_{root_kind}_root"] = pose("j_agg", **kw)
         poses[f"p_agg_{root_kind}_root"] = pose("p_agg", **kw)
         poses[f"j_agg_{root_kind}_root_exact_2d"] = pose("j_agg", kp=exact[:, None], **kw)
@@ -118,15 +119,15 @@ def decompose(hyps: np.ndarray, gt: np.ndarray, root: np.ndarray, px: np.ndarray
     _, sel_agg, _ = A.j_agg(h5, k4, cam, root="gt", trajectory=r3)
     _, sel_best = A.j_best(h5, g4)
     dev = np.linalg.norm(hyps - mean[:, None], axis=-1)                # (N, H, J)
-    spread = dev.mean(1)[:, 1:].ravel()
-    single = np.mean([joint_err(hyps[:, h])[:, 1:].ravel() for h in range(H)], 0)
+    spread = dev.mean(1)[:, others].ravel()
+    single = np.mean([joint_err(hyps[:, h])[:, others].ravel() for h in range(H)], 0)
     edges = np.quantile(spread, [0, 0.25, 0.5, 0.75, 1])
     quartiles = []
     for lo, hi in zip(edges[:-1], edges[1:]):
         m = (spread >= lo) & (spread <= hi)
         row = {"spread_mm": [round(float(lo) * 1000, 1), round(float(hi) * 1000, 1)], "single": float(single[m].mean())}
         for k in ("mean", "j_agg_gt_root", "j_agg_estimate_root", "j_agg_estimate_on_ray_root", "j_best"):
-            row[k] = float(joint_err(poses[k])[:, 1:].ravel()[m].mean())
+            row[k] = float(joint_err(poses[k])[:, others].ravel()[m].mean())
         quartiles.append(row)
     return {
         "frames": int(n), "hypotheses": int(H),
@@ -138,13 +139,13 @@ def decompose(hyps: np.ndarray, gt: np.ndarray, root: np.ndarray, px: np.ndarray
             kind: {"norm": float(np.linalg.norm(t - root, axis=-1).mean() * 1000),
                    "xyz": [float(v) for v in np.abs(t - root).mean(0) * 1000]}
             for kind, t in (("free", t_mean), ("on_root_ray", t_ray))},
-        "spread_mm": {"mean_distance_to_hypothesis_mean": float(dev[..., 1:].mean() * 1000),
-                      "std_xyz": [float(v) for v in hyps.std(1)[:, 1:].reshape(-1, 3).mean(0) * 1000]},
+        "spread_mm": {"mean_distance_to_hypothesis_mean": float(dev[..., others].mean() * 1000),
+                      "std_xyz": [float(v) for v in hyps.std(1)[:, others].reshape(-1, 3).mean(0) * 1000]},
         "abs_error_xyz_mm": {"single_hypothesis": [round(float(v), 2) for v in np.mean(
                                  [axes(hyps[:, h]) for h in range(H)], 0)],
                              **{k: axes(poses[k]) for k in ("mean", "j_agg_gt_root", "j_agg_estimate_root",
                                                             "j_agg_estimate_on_ray_root")}},
-        "j_agg_gt_root_picks_j_best_fraction": float((sel_agg == sel_best)[..., 1:].mean()),
+        "j_agg_gt_root_picks_j_best_fraction": float((sel_agg == sel_best)[..., others].mean()),
         "by_spread_quartile": quartiles,
     }
 
@@ -153,11 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="a train checkpoint (best.pt or last.pt)")
     parser.add_argument("--data", type=Path, required=True, help="prepared dataset folder (python -m finepose prepare)")
-    parser.add_argument("--hypotheses", "-H", type=int, default=3)
-    parser.add_argument("--steps", "-M", type=int, default=2)
+    parser.add_argument("--hypotheses", "-H", type=int, default=3, help="H hypotheses (default 3, the preset's)")
+    parser.add_argument("--steps", "-M", type=int, default=2, help="M DDIM steps; the last one is scored (default 2)")
     parser.add_argument("--every", type=int, default=20, help="score every N-th evaluation window (default 20)")
     parser.add_argument("--flip", action="store_true", help="test-time flip averaging")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (per window, as evaluate)")
+    parser.add_argument("--root-joint", type=int, default=0,
+                        help="index of the joint the poses are relative to (default 0: Human3.6M's pelvis)")
     parser.add_argument("--split", choices=("test", "val"), default="test",
                         help="test, or the run's validation recordings carved from the training subjects")
     parser.add_argument("--source-2d", default="gt", help="2D input: gt or a detector source (e.g. sh)")
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             np.savez(args.samples, **arrays)
     result = {"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split,
               "source_2d": args.source_2d, "steps": args.steps, "every": args.every,
-              "flip": args.flip, "seed": args.seed, **decompose(**arrays, seed=args.seed),
+              "flip": args.flip, "seed": args.seed, **decompose(**arrays, seed=args.seed, root_joint=args.root_joint),
               "cpu_s": round(time.process_time() - t0, 1)}
     text = json.dumps(result, indent=1)
     print(text)
