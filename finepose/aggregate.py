@@ -41,6 +41,16 @@ behaviour; the result is labelled ``uses_gt_root``) or estimated without ground 
 from the 2D input and the root-relative pose by linear least squares per frame
 (``root="estimate"``: one translation from the hypothesis mean, shared by all
 hypotheses, as a ground-truth root would be; ``root="estimate_each"``: one per hypothesis).
+With ``root_joint`` (the joint the hypotheses are relative to; evaluate passes the joint
+set's root) the estimate lies on that joint's 2D ray, so the root reprojects onto its own
+2D and a wrong pose only moves it in depth (see ``estimate_root``).
+
+Why J-Agg can lose to the mean (measured on real Human3.6M in results/h36m_real/README.md,
+shown on constructed cases in tests/test_aggregate.py): the 2D reprojection sees a joint's
+error in the image plane, hardly in depth. Picking one hypothesis per joint keeps that
+hypothesis' depth error, which the mean divides by about sqrt(H) when the hypotheses' errors
+are independent; for independent Gaussian errors the pick only ties the mean in x and y, so
+J-Agg loses. It wins when some hypotheses are far off in a way the 2D shows (outliers).
 
 Metrics are computed afterwards on the aggregated pose (``finepose.metrics``), so the
 P-MPJPE of J-Agg aligns the aggregate, not each hypothesis (released fault 6).
@@ -136,40 +146,43 @@ def j_best(hyps: Any, gt: Any) -> tuple[Any, Any]:
 
 
 def p_agg(hyps: Any, keypoints_2d: Any, intrinsics: Any, root: str = "estimate",
-          trajectory: Any = None) -> tuple[Any, Any, bool]:
+          trajectory: Any = None, root_joint: int | None = None) -> tuple[Any, Any, bool]:
     """Per frame, the hypothesis whose reprojection is closest to the 2D input (mean over joints).
 
     Returns (pose (*lead, F, J, 3), selected (*lead, F), uses_gt_root).
     """
     numpy = not isinstance(hyps, torch.Tensor)
     h = _tensor(hyps)
-    dist = _reprojection_distance(h, keypoints_2d, intrinsics, root, trajectory)  # (*lead, H, F, J)
+    dist = _reprojection_distance(h, keypoints_2d, intrinsics, root, trajectory, root_joint)  # (*lead, H, F, J)
     selected = dist.mean(dim=-1).argmin(dim=-2)                         # (*lead, F)
     pose = _take(h, selected.unsqueeze(-2)[..., None, None])
     return _out(pose, numpy), _out(selected, numpy), root == "gt"
 
 
 def j_agg(hyps: Any, keypoints_2d: Any, intrinsics: Any, root: str = "estimate",
-          trajectory: Any = None) -> tuple[Any, Any, bool]:
+          trajectory: Any = None, root_joint: int | None = None) -> tuple[Any, Any, bool]:
     """JPMA (equation (6)): per frame and joint, the hypothesis whose reprojected joint is
     closest to the 2D input. Returns (pose (*lead, F, J, 3), selected (*lead, F, J), uses_gt_root).
     """
     numpy = not isinstance(hyps, torch.Tensor)
     h = _tensor(hyps)
-    dist = _reprojection_distance(h, keypoints_2d, intrinsics, root, trajectory)  # (*lead, H, F, J)
+    dist = _reprojection_distance(h, keypoints_2d, intrinsics, root, trajectory, root_joint)  # (*lead, H, F, J)
     selected = dist.argmin(dim=-3)                                      # (*lead, F, J)
     pose = _take(h, selected.unsqueeze(-3).unsqueeze(-1))
     return _out(pose, numpy), _out(selected, numpy), root == "gt"
 
 
 def aggregate(hyps: Any, mode: str, *, gt: Any = None, keypoints_2d: Any = None, intrinsics: Any = None,
-              root: str = "estimate", trajectory: Any = None, frame_mask: Any = None) -> tuple[Any, dict[str, Any]]:
+              root: str = "estimate", trajectory: Any = None, frame_mask: Any = None,
+              root_joint: int | None = None) -> tuple[Any, dict[str, Any]]:
     """Aggregate hypotheses (*lead, H, F, J, 3) into one pose per frame (*lead, F, J, 3).
 
     Returns (pose, info) with info = {"mode", "oracle": bool, "uses_gt_root": bool,
     "root": "gt" | "estimate" | "estimate_each" | None, "selected": indices or None}.
     ``gt`` is needed by the oracles; ``keypoints_2d`` and ``intrinsics`` (and ``trajectory``
-    when root="gt") by p_agg / j_agg; ``frame_mask`` only affects p_best.
+    when root="gt") by p_agg / j_agg; ``frame_mask`` only affects p_best; ``root_joint`` (the
+    joint the hypotheses are relative to) puts an estimated root on that joint's 2D ray
+    (``estimate_root``).
     """
     if mode not in MODES:
         raise ValueError(f"aggregation mode must be one of {MODES}, got {mode!r}")
@@ -187,7 +200,7 @@ def aggregate(hyps: Any, mode: str, *, gt: Any = None, keypoints_2d: Any = None,
         raise FinePoseError(f"aggregation mode {mode!r} reprojects hypotheses and needs the 2D input and the "
                             "camera intrinsics (cameras.parquet fx, fy, cx, cy); give them or use 'mean'")
     fn = p_agg if mode == "p_agg" else j_agg
-    pose, info["selected"], info["uses_gt_root"] = fn(hyps, keypoints_2d, intrinsics, root, trajectory)
+    pose, info["selected"], info["uses_gt_root"] = fn(hyps, keypoints_2d, intrinsics, root, trajectory, root_joint)
     info["root"] = root
     return pose, info
 
@@ -281,7 +294,8 @@ def _undistort(xy_d: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | Non
     return xy
 
 
-def estimate_root(poses: Any, keypoints_2d: Any, intrinsics: Any, weights: Any = None) -> Any:
+def estimate_root(poses: Any, keypoints_2d: Any, intrinsics: Any, weights: Any = None,
+                  root_joint: int | None = None) -> Any:
     """Camera-space root translation T per frame from a root-relative pose and its 2D input.
 
     poses (..., F, J, 3), keypoints_2d (..., F, J, 2) -> T (..., F, 3), the linear least-squares
@@ -291,6 +305,14 @@ def estimate_root(poses: Any, keypoints_2d: Any, intrinsics: Any, weights: Any =
     camera (joints whose 2D lies outside the fisheye's image circle get weight 0). Exact for
     noise-free projections. ``weights`` (..., F, J) weight joints
     (e.g. detector confidences; zero drops a joint).
+
+    ``root_joint``: the index of the joint the pose is relative to. Its 2D is then taken as
+    the projection of the root itself: T is constrained to that joint's ray,
+    T = s (x_r, y_r, 1) - X_r, and only the distance s is fitted to the other joints. The
+    free fit spreads the pose's own error into a lateral shift of the root (on real data with
+    a weak model 58-71 mm, 13-16 px at 5 m, which steers J-Agg's per-joint choice; see
+    results/h36m_real/README.md); on the ray the root's 2D is matched exactly and a wrong pose
+    costs only depth. Frames where that joint has weight 0 (or no ray) keep the free fit.
     """
     numpy = not isinstance(poses, torch.Tensor)
     given = _tensor(poses)
@@ -321,11 +343,31 @@ def estimate_root(poses: Any, keypoints_2d: Any, intrinsics: Any, weights: Any =
         normal = torch.where(singular[..., None, None], eye, normal)
         rhs = torch.where(singular[..., None], torch.zeros_like(rhs), rhs)
     T = torch.linalg.solve(normal, rhs.unsqueeze(-1)).squeeze(-1)     # batch axes broadcast
+    if root_joint is not None:
+        T = _root_on_its_ray(T, pose, x, y, w, root_joint)
     return _out(T.to(given.dtype), numpy)
 
 
+def _root_on_its_ray(free: torch.Tensor, pose: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                     w: torch.Tensor, r: int) -> torch.Tensor:
+    """T = s u - X_r with u = (x_r, y_r, 1), s the least-squares distance over the joints:
+    s (x_r - x_j) = x_j (Z_j - Z_r) - (X_j - X_r), and the same in y. ``free`` (..., F, 3) is kept
+    where the root joint carries no weight or the other joints do not pin s down."""
+    rel = pose - pose[..., r:r + 1, :]                                  # (..., F, J, 3) relative to joint r
+    dx, dy = x[..., r:r + 1] - x, y[..., r:r + 1] - y                   # (..., F, J)
+    a, b = x * rel[..., 2] - rel[..., 0], y * rel[..., 2] - rel[..., 1]
+    den = (w * (dx * dx + dy * dy)).sum(-1)
+    scale = (w * (x * x + y * y + 1)).sum(-1)
+    ok = (w[..., r] > 0) & (den > 1e-12 * scale.clamp_min(1e-300))
+    s = (w * (dx * a + dy * b)).sum(-1) / torch.where(ok, den, torch.ones_like(den))
+    xr, yr = torch.broadcast_tensors(x[..., r], y[..., r], s)[:2]
+    ray = torch.stack([xr, yr, torch.ones_like(xr)], -1)
+    on_ray = s.unsqueeze(-1) * ray - pose[..., r, :]
+    return torch.where(ok.unsqueeze(-1), on_ray, free)
+
+
 def _reprojection_distance(h: torch.Tensor, keypoints_2d: Any, intrinsics: Any, root: str,
-                           trajectory: Any) -> torch.Tensor:
+                           trajectory: Any, root_joint: int | None = None) -> torch.Tensor:
     """2D distance of each hypothesis' reprojected joints to the 2D input: (*lead, H, F, J)."""
     _check_hyps(h)
     if root not in ROOTS:
@@ -337,9 +379,11 @@ def _reprojection_distance(h: torch.Tensor, keypoints_2d: Any, intrinsics: Any, 
                                 "without it use root='estimate'")
         traj = _tensor(trajectory, h).unsqueeze(-3)                     # (*lead', 1, F, 3): shared over H
     elif root == "estimate":
-        traj = estimate_root(h.mean(dim=-4), kp, intrinsics).unsqueeze(-3)   # (*lead, 1, F, 3)
+        traj = estimate_root(h.mean(dim=-4), kp, intrinsics, root_joint=root_joint).unsqueeze(-3)  # (*lead, 1, F, 3)
     else:
-        traj = estimate_root(h, kp.unsqueeze(-4), intrinsics)           # (*lead, H, F, 3)
+        # One solve per hypothesis with H moved in front, so that per-clip intrinsics (*c) keep
+        # aligning with the trailing clip axes of *lead rather than with the hypothesis axis.
+        traj = estimate_root(h.movedim(-4, 0), kp, intrinsics, root_joint=root_joint).movedim(0, -3)  # (*lead, H, F, 3)
     cam = _camera(intrinsics, h, extra_axes=3)                          # (*c, 1, 1, 1, n)
     proj = _project(h + traj.unsqueeze(-2), cam)                       # (*lead, H, F, J, 2)
     return torch.linalg.vector_norm(proj - kp.unsqueeze(-4), dim=-1)

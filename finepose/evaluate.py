@@ -179,7 +179,8 @@ def aggregate_window_batch(res: WindowResult, source: ClipSource, modes: Seq[str
             px = np.stack([denormalize_screen(batch.x2d[i], source.sequences[s]["res_w"], source.sequences[s]["res_h"])
                            for i, s in enumerate(res.seq)])                 # (b, F, J, 2) pixels
             kwargs.update(keypoints_2d=torch.from_numpy(np.asarray(px, np.float32)).to(dev),
-                          intrinsics=torch.from_numpy(intrinsics[res.seq].astype(np.float32)).to(dev), root=root)
+                          intrinsics=torch.from_numpy(intrinsics[res.seq].astype(np.float32)).to(dev), root=root,
+                          root_joint=source.joint_set.root)     # an estimated root lies on the root joint's 2D ray
             if root == "gt":
                 kwargs["trajectory"] = torch.from_numpy(np.asarray(source.root[batch.index])).to(dev)
         pose, _ = aggregate(x0, mode, **kwargs)                        # (M, b, F, J, 3)

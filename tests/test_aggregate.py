@@ -120,6 +120,57 @@ def test_estimate_root_is_exact_for_pinhole_and_distorted_projections(camera):
     np.testing.assert_allclose(est.numpy(), traj, atol=1e-7)
 
 
+def test_root_on_its_ray_is_exact_and_matches_the_root_joints_2d(camera):
+    gt, traj = _scene(frames=6, clips=2, seed=8)
+    kp = A.reproject(gt, traj, camera)
+    np.testing.assert_allclose(A.estimate_root(gt, kp, camera, root_joint=0), traj, atol=1e-9)
+    # a wrong pose (a limb 15 cm off, the whole pose 10 % small): the free fit moves the root
+    # sideways to spread the error; on the ray the root's own 2D stays exact, only depth is off
+    wrong = gt * 0.9
+    wrong[..., 11:17, 0] += 0.15
+    free = A.estimate_root(wrong, kp, camera)
+    ray = A.estimate_root(wrong, kp, camera, root_joint=0)
+    miss = lambda T: np.linalg.norm(A.reproject(wrong, T, camera)[..., 0, :] - kp[..., 0, :], axis=-1)
+    assert miss(ray).max() < 1e-6 and miss(free).mean() > 5.0           # px
+    np.testing.assert_allclose(ray[..., :2] / ray[..., 2:], traj[..., :2] / traj[..., 2:], atol=1e-9)
+    # a joint set whose root is not at the origin of the pose (the ray is through X_r + T)
+    shifted = gt + [0.1, -0.05, 0.2]
+    np.testing.assert_allclose(A.estimate_root(shifted, kp, camera, root_joint=0) + [0.1, -0.05, 0.2], traj,
+                               atol=1e-9)
+    # no weight on the root joint: its 2D is not trusted, the free fit stands
+    weights = np.ones((2, 6, J))
+    weights[..., 0] = 0.0
+    np.testing.assert_allclose(A.estimate_root(wrong, kp, camera, weights=weights, root_joint=0),
+                               A.estimate_root(wrong, kp, camera, weights=weights))
+    # fisheye: the ray of the root's 2D comes from the lens model
+    gt_w, traj_w = _wide_scene(seed=2)
+    np.testing.assert_allclose(A.estimate_root(gt_w, A.reproject(gt_w, traj_w, FISHEYE), FISHEYE, root_joint=0),
+                               traj_w, atol=1e-7)
+
+
+@pytest.mark.parametrize("root", ["estimate", "estimate_each"])
+def test_j_agg_with_the_root_on_its_ray_resists_a_shared_pose_error(camera, root):
+    """Hypotheses that all share one error (an arm 15 cm to the side) except where a hypothesis owns
+    a joint exactly. The free root fit shifts the root to absorb the shared error, and the shifted
+    reprojection then favours the wrong joints; on the root's ray the owners are found as with the
+    ground-truth root."""
+    gt, traj = _scene(frames=6, clips=3, seed=9)
+    kp = A.reproject(gt, traj, camera)
+    rng = np.random.default_rng(9)
+    H = 4
+    hyps = np.repeat(gt[:, None], H, axis=1) + _lateral(rng, (3, H, 6, J), 0.03)
+    hyps[..., 11:17, 0] += 0.15                                        # shared by every hypothesis ...
+    owner = rng.integers(0, H, size=(3, 6, J))
+    for h in range(H):
+        hyps[:, h][owner == h] = gt[owner == h]                        # ... except each joint's owner
+    hyps[..., 0, :] = 0.0
+    found = {}
+    for joint in (None, 0):
+        _, info = A.aggregate(hyps, "j_agg", keypoints_2d=kp, intrinsics=camera, root=root, root_joint=joint)
+        found[joint] = (info["selected"] == owner)[..., 1:].mean()
+    assert found[0] > 0.9 and found[None] < 0.7                       # 0.94-0.98 against 0.54-0.56
+
+
 def test_estimate_root_per_clip_intrinsics_and_weights():
     gt, traj = _scene(frames=4, clips=2)
     per_clip = np.array([[1145.0, 1144.0, 512.0, 515.0], [1500.0, 1500.0, 1017.0, 1043.0]])  # (B, 4)
@@ -167,6 +218,41 @@ def test_j_agg_with_an_estimated_root_needs_no_ground_truth(camera, root):
     assert metrics.mpjpe(pose, gt) < 0.25 * mean_err
 
 
+def test_evaluate_reprojects_with_the_root_on_the_root_joints_ray():
+    """evaluate's aggregation (also used by lift and figures) gives the joint set's root to the
+    root estimate, so J-Agg there is the ray-constrained one, not the free fit."""
+    from finepose.data.table import Sequence
+    from finepose.data.windows import ClipSource, evaluation_windows, gather, scored_rows
+    from finepose.evaluate import WindowResult, aggregate_window_batch, intrinsics_table
+
+    cam = load_h36m_cameras()[("S9", "54138969")]
+    gt, traj = _scene(frames=27, clips=1, seed=10)
+    absolute = (gt + traj[..., None, :])[0]                             # (27, J, 3) camera frame, m
+    kp = A.reproject(gt, traj, {"f": cam.f, "c": cam.c, "k": cam.k, "p": cam.p})[0]
+    seq = Sequence(dataset="h36m", subject="S9", action="Walking", sequence="Walking 1", camera=cam.id, person="0",
+                   split="test", frame=np.arange(27, dtype=np.int32), keypoints_2d=kp.astype(np.float32),
+                   keypoints_3d=absolute.astype(np.float32), valid=np.ones(27, bool),
+                   keypoints_2d_gt=kp.astype(np.float32), camera_info=cam.table_row("h36m"))
+    source = ClipSource.from_sequences([seq], "h36m17", actions=["Walking"])
+    windows = evaluation_windows(source, 27)
+    batch = gather(source, windows.seq, windows.start, None, 27)
+    rng = np.random.default_rng(10)
+    hyps = np.repeat(batch.y3d[:, None], 4, axis=1) + _lateral(rng, (1, 4, 27, J), 0.03)
+    hyps[..., 11:17, 0] += 0.15                                        # an error all hypotheses share
+    hyps[..., 0, :] = 0.0
+    res = WindowResult(index=np.arange(1), seq=windows.seq, batch=batch, scored=scored_rows(source, windows, 27)[1],
+                       x0=torch.tensor(hyps[None], dtype=torch.float32))
+    table, why = intrinsics_table(source)
+    assert why is None
+    got = aggregate_window_batch(res, source, ["j_agg"], "estimate", table)[0, 0]   # (b, F, J, 3)
+    kwargs = dict(keypoints_2d=torch.tensor(kp[None], dtype=torch.float32),
+                  intrinsics=torch.tensor(table, dtype=torch.float32), root="estimate")
+    on_ray, _ = A.aggregate(res.x0[0], "j_agg", root_joint=0, **kwargs)
+    free, _ = A.aggregate(res.x0[0], "j_agg", **kwargs)
+    np.testing.assert_allclose(got, on_ray.numpy(), atol=1e-6)
+    assert np.abs(free.numpy() - on_ray.numpy()).max() > 1e-3           # the two estimates differ here
+
+
 def test_p_agg_picks_per_frame_the_pose_that_reprojects_best(camera):
     gt, traj = _scene(frames=5, clips=2, seed=5)
     kp = A.reproject(gt, traj, camera)
@@ -183,6 +269,30 @@ def test_p_agg_picks_per_frame_the_pose_that_reprojects_best(camera):
         np.testing.assert_array_equal(info["selected"], best)
         np.testing.assert_allclose(pose, gt, atol=1e-12)
         assert info["uses_gt_root"] == (root == "gt")
+
+
+@pytest.mark.parametrize("mode", ["p_agg", "j_agg"])
+def test_root_per_hypothesis_uses_each_clips_own_camera(camera, mode):
+    """root='estimate_each' with one camera per clip: the camera axis belongs to the clips, not to
+    the hypothesis axis. (It was aligned with H: with H == B clip b's hypothesis h was solved with
+    clip h's camera; with H != B the shapes failed to broadcast or blew up to B x H.)"""
+    other = {**camera, "f": camera["f"] * 0.8, "c": camera["c"] + [40.0, -25.0]}
+    gt, traj = _scene(frames=5, clips=2, seed=7)
+    cams = {key: np.stack([camera[key], other[key]]) for key in ("f", "c", "k", "p")}   # (B=2, .)
+    kp = A.reproject(gt, traj, cams)
+    rng = np.random.default_rng(7)
+    for H in (2, 3):                                                   # H == B, and H != B
+        hyps = np.repeat(gt[:, None], H, axis=1) + _lateral(rng, (2, H, 5, J), 0.03)
+        hyps[..., 0, :] = 0.0
+        pose, info = A.aggregate(hyps, mode, keypoints_2d=kp, intrinsics=cams, root="estimate_each")
+        assert pose.shape == gt.shape
+        for b, single in enumerate((camera, other)):                   # each clip alone, its camera alone
+            alone, alone_info = A.aggregate(hyps[b], mode, keypoints_2d=kp[b], intrinsics=single,
+                                            root="estimate_each")
+            np.testing.assert_array_equal(info["selected"][b], alone_info["selected"])
+            np.testing.assert_allclose(pose[b], alone, atol=1e-12)
+    est = A.estimate_root(hyps.transpose(1, 0, 2, 3, 4), kp, cams)      # (H, B, F, 3): H in front is fine
+    np.testing.assert_allclose(est[0], A.estimate_root(hyps[:, 0], kp, cams))
 
 
 def test_jpma_with_a_step_axis_and_torch(camera):
@@ -209,6 +319,64 @@ def test_p_mpjpe_of_j_agg_aligns_the_aggregate(camera):
     per_hyp = metrics.joint_errors(hyps, np.repeat(gt[:, None], hyps.shape[1], 1), alignment="procrustes")
     released = np.take_along_axis(per_hyp, info["selected"][:, None], axis=1).mean()
     assert abs(released - ours) > 0.1                                   # a different quantity (mm)
+
+
+# ---------------------------------------------------------------- when JPMA beats the mean, and when not
+def _hypotheses(gt, H, rng, kind):
+    """H hypotheses around gt: independent Gaussian errors (30 mm per axis), or mostly tight ones
+    (10 mm) with per-joint outliers (each joint of each hypothesis 300 mm off with probability 0.2)."""
+    shape = (gt.shape[0], H, *gt.shape[1:])
+    if kind == "gaussian":
+        hyps = gt[:, None] + rng.normal(scale=0.03, size=shape)
+    else:
+        direction = rng.normal(size=shape)
+        direction /= np.linalg.norm(direction, axis=-1, keepdims=True)
+        outlier = rng.random((*shape[:-1], 1)) < 0.2
+        hyps = gt[:, None] + rng.normal(scale=0.01, size=shape) + outlier * 0.3 * direction
+    hyps[..., 0, :] = 0.0
+    return hyps
+
+
+def _axis_errors(pose, gt):
+    """Mean absolute error per camera axis (x, y: image plane; z: depth), mm, root joint left out."""
+    return np.abs(pose - gt)[..., 1:, :].reshape(-1, 3).mean(0) * 1000
+
+
+@pytest.mark.parametrize("root", ["gt", "estimate"])
+def test_j_agg_keeps_one_hypothesis_depth_error_so_independent_errors_favour_the_mean(camera, root):
+    """JPMA picks per joint the hypothesis that reprojects best: that sees the image-plane part
+    of a joint's error and almost nothing of its depth. With independent errors the pick is then
+    as good as the mean in x and y (the smallest of H 2D errors and the 2D error of the mean have
+    the same expectation for Gaussian errors) but keeps ONE hypothesis' depth error, which the
+    mean divides by sqrt(H). Exact 2D, a real camera and the ground-truth root: no defect can hide
+    here, and J-Agg still loses to the mean by a factor near 2 at H = 10."""
+    rng = np.random.default_rng(11)
+    gt, traj = _scene(frames=10, clips=4, seed=11)
+    kp = A.reproject(gt, traj, camera)
+    H = 10
+    hyps = _hypotheses(gt, H, rng, "gaussian")
+    pose, _ = A.aggregate(hyps, "j_agg", keypoints_2d=kp, intrinsics=camera, root=root,
+                          trajectory=traj if root == "gt" else None)
+    mean = A.hypothesis_mean(hyps)
+    single = np.mean([_axis_errors(hyps[:, h], gt) for h in range(H)], axis=0)
+    agg, avg = _axis_errors(pose, gt), _axis_errors(mean, gt)
+    assert np.all(np.abs(agg[:2] / avg[:2] - 1) < 0.15)               # image plane: J-Agg ~ mean
+    assert abs(agg[2] / single[2] - 1) < 0.1                           # depth: J-Agg ~ one hypothesis
+    assert agg[2] > 2.5 * avg[2]                                       # ... ~sqrt(10) x the mean's
+    assert metrics.mpjpe(pose, gt) > 1.6 * metrics.mpjpe(mean, gt)
+
+
+@pytest.mark.parametrize("root", ["gt", "estimate"])
+def test_j_agg_beats_the_mean_when_some_hypotheses_are_far_off(camera, root):
+    """The case JPMA is for: most hypotheses agree, a few joints of a few hypotheses are far off.
+    The mean is dragged by every outlier; the reprojection rejects the ones that show in 2D."""
+    rng = np.random.default_rng(12)
+    gt, traj = _scene(frames=10, clips=4, seed=12)
+    kp = A.reproject(gt, traj, camera)
+    hyps = _hypotheses(gt, 10, rng, "outliers")
+    pose, _ = A.aggregate(hyps, "j_agg", keypoints_2d=kp, intrinsics=camera, root=root,
+                          trajectory=traj if root == "gt" else None)
+    assert metrics.mpjpe(pose, gt) < 0.5 * metrics.mpjpe(A.hypothesis_mean(hyps), gt)
 
 
 def test_aggregate_errors_name_the_missing_input(camera):
