@@ -3,9 +3,20 @@
 The workflow writes one run config per training run; ``python -m finepose
 train RUN_CONFIG --out RUN_DIR`` reads it through :func:`load_run_config`.
 Defaults are the paper's hyper-parameters (Sec. 4.2): AdamW, lr 6e-5, betas
-(0.9, 0.999), weight decay 0.1, lr x0.993 after every epoch, 100 epochs,
-batches of 4 clips of 243 frames. Evaluation defaults are H = 20 hypotheses
-and M = 10 DDIM steps.
+(0.9, 0.999), weight decay 0.1, lr x0.993 per epoch, 100 epochs, batches of 4
+clips of 243 frames. Evaluation defaults are H = 20 hypotheses and M = 10 DDIM
+steps.
+
+The learning rate is a function of the optimiser step alone (finepose.train.lr_at):
+``train.warmup_steps`` of linear warm-up, then ``train.lr_schedule`` ``exponential``
+(the paper's: ``lr_decay`` per epoch, applied per step as ``lr_decay ** (1 /
+steps_per_epoch)``, so the lr at the start of epoch e is ``lr * lr_decay ** e``)
+or ``cosine`` (to ``lr_floor`` at the run's last step). An epoch is one pass over
+the distinct training clips (each with its flipped copy when ``flip_augment``), as
+the official chunked generator. ``train.steps`` is a budget in optimiser steps
+that replaces ``epochs``; ``max_steps_per_epoch`` only caps an epoch's length (how
+often the trainer validates and writes last.pt and, without ``steps``, the run's
+length: epochs x cap); the data order and the lr schedule never restart with it.
 
 A config is a nested dict; :func:`resolve_run_config` fills every missing key
 from :data:`DEFAULTS`, rejects unknown keys (a typo must not silently fall
@@ -14,8 +25,9 @@ back to a default) and checks types and ranges, raising
 
 :func:`model_identity` / :func:`model_hash` give a stable fingerprint of the
 parts that define a trained model (variant, dataset, joint set, model and
-diffusion settings); training refuses to resume a checkpoint whose
-fingerprint differs.
+diffusion settings); :func:`data_identity` / :func:`data_hash` do the same for
+the data it trains on (2D source, splits, and the prepared dataset's content).
+Training refuses to resume a checkpoint whose fingerprints differ.
 """
 from __future__ import annotations
 
@@ -60,16 +72,23 @@ DEFAULTS: dict[str, Any] = {
         "lr": 6.0e-5,
         "betas": [0.9, 0.999],
         "weight_decay": 0.1,
-        "lr_decay": 0.993,        # multiplied into lr after every epoch
+        "steps": None,            # budget in optimiser steps; when set it replaces epochs
+        "lr_schedule": "exponential",  # exponential (the paper's) | cosine
+        "lr_decay": 0.993,        # exponential: lr factor per epoch (one pass over the training clips)
+        "lr_floor": 0.0,          # cosine: the lr reached at the run's last step
+        "warmup_steps": 0,        # linear warm-up from lr/warmup_steps to lr over these first steps
         "flip_augment": True,     # add a horizontally flipped copy of every training clip
-        "checkpoint_every_steps": 0,   # 0: only at the end of every epoch
-        "max_steps_per_epoch": None,   # cap (smoke runs); None: the whole epoch
+        "checkpoint_every_steps": 0,   # 0: only at the end of every epoch (and at validations)
+        "max_steps_per_epoch": None,   # cap on an epoch's length (validation/last.pt cadence); None: a full pass
         "log_every_steps": 50,
         "amp": True,              # bf16 autocast on CUDA (ignored on CPU)
         "compile": False,         # torch.compile the denoiser
         "val_every_epochs": 1,
+        "val_every_steps": None,  # validate every N steps (and at the end) instead of every val_every_epochs
         "val_hypotheses": 1,      # cheap sampler for model selection
         "val_steps": 1,
+        "val_mode": "mean",       # GT-free pose of the H hypotheses: mean | j_agg | p_agg (finepose.aggregate)
+        "val_noise_seeds": [0, 1],  # one validation per seed (fixed noise); the first selects best.pt
         "val_max_windows": None,  # evenly spaced subset of validation windows; None: all
         "val_batch_size": 16,
         "grad_clip": None,        # max gradient norm; None: no clipping (the official code has none)
@@ -86,6 +105,8 @@ DEFAULTS: dict[str, Any] = {
 }
 
 _LOSSES = ("mpjpe", "mse")
+LR_SCHEDULES = ("exponential", "cosine")
+VAL_MODES = ("mean", "j_agg", "p_agg")      # GT-free modes of finepose.aggregate (no oracle selection)
 _ROOT_TRAJECTORIES = ("estimate", "gt")
 # Keys of a run config that define the trained model: a checkpoint is only
 # resumed / reused when these are identical.
@@ -164,7 +185,7 @@ def _validate(cfg: dict[str, Any], source: str) -> None:
         _need(_is_int(t[key]) and t[key] >= 1, source, f"train.{key}", "an integer >= 1", t[key])
     _need(_is_int(t["checkpoint_every_steps"]) and t["checkpoint_every_steps"] >= 0, source,
           "train.checkpoint_every_steps", "an integer >= 0 (0: every epoch only)", t["checkpoint_every_steps"])
-    for key in ("max_steps_per_epoch", "val_max_windows"):
+    for key in ("max_steps_per_epoch", "val_max_windows", "steps", "val_every_steps"):
         _need(t[key] is None or (_is_int(t[key]) and t[key] >= 1), source, f"train.{key}",
               "null or an integer >= 1", t[key])
     _need(_is_num(t["lr"]) and t["lr"] > 0, source, "train.lr", "a positive number", t["lr"])
@@ -175,6 +196,20 @@ def _validate(cfg: dict[str, Any], source: str) -> None:
           "a number >= 0", t["weight_decay"])
     _need(_is_num(t["lr_decay"]) and 0 < t["lr_decay"] <= 1, source, "train.lr_decay", "a number in (0, 1]",
           t["lr_decay"])
+    _need(t["lr_schedule"] in LR_SCHEDULES, source, "train.lr_schedule", f"one of {', '.join(LR_SCHEDULES)}",
+          t["lr_schedule"])
+    _need(_is_num(t["lr_floor"]) and 0 <= t["lr_floor"] <= t["lr"], source, "train.lr_floor",
+          "a number in [0, train.lr]", t["lr_floor"])
+    _need(_is_int(t["warmup_steps"]) and t["warmup_steps"] >= 0, source, "train.warmup_steps",
+          "an integer >= 0", t["warmup_steps"])
+    if t["steps"] is not None:
+        _need(t["warmup_steps"] < t["steps"], source, "train.warmup_steps", "fewer than train.steps",
+              t["warmup_steps"])
+    _need(t["val_mode"] in VAL_MODES, source, "train.val_mode", f"one of {', '.join(VAL_MODES)}", t["val_mode"])
+    seeds = t["val_noise_seeds"]
+    _need(isinstance(seeds, list) and len(seeds) >= 1 and all(_is_int(v) and v >= 0 for v in seeds)
+          and len(set(seeds)) == len(seeds), source, "train.val_noise_seeds",
+          "a non-empty list of distinct integers >= 0", seeds)
     _need(t["grad_clip"] is None or (_is_num(t["grad_clip"]) and t["grad_clip"] > 0), source, "train.grad_clip",
           "null or a positive number", t["grad_clip"])
     for key in ("amp", "compile", "flip_augment"):
@@ -267,6 +302,28 @@ def model_hash(cfg: Mapping[str, Any], joint_set: str | None = None) -> str:
     plain JSON data serialised with sorted keys and no whitespace.
     """
     blob = json.dumps(model_identity(cfg, joint_set), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# The data-defining part of a prepared dataset's frames.parquet metadata (finepose.data.table):
+# its content (source files by sha256, reader and version), not the path it was read from.
+DATA_META_KEYS = ("dataset", "joint_set", "reader", "reader_version", "source_files")
+# run-config data keys that choose which frames train and validate
+DATA_SPLIT_KEYS = ("source_2d", "train_subjects", "test_subjects", "val_subjects", "val_fraction", "val_seed")
+
+
+def data_identity(cfg: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
+    """What a run was trained on: the 2D source and split settings of ``cfg["data"]`` and the prepared
+    dataset's identity from its frame-table metadata ``meta`` (so the same dataset reached through
+    another path, relative or absolute, is the same data, and a re-prepared one from other files is not)."""
+    ident = {key: copy.deepcopy(cfg["data"][key]) for key in DATA_SPLIT_KEYS}
+    ident["dataset"] = {key: copy.deepcopy(meta.get(key)) for key in DATA_META_KEYS}
+    return ident
+
+
+def data_hash(cfg: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
+    """sha256 (hex, first 16 characters) of :func:`data_identity` as canonical JSON."""
+    blob = json.dumps(data_identity(cfg, meta), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

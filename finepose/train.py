@@ -3,12 +3,26 @@
     python -m finepose train RUN_CONFIG --out RUN_DIR [--resume auto|never] [--max-steps N]
 
 RUN_CONFIG is a JSON or YAML run config (finepose.runconfig). Writes
-RUN_DIR/checkpoints/last.pt (every epoch and every train.checkpoint_every_steps
-steps), RUN_DIR/checkpoints/best.pt (lowest validation MPJPE; validation is
-carved from the TRAINING subjects, never the test set), RUN_DIR/log.jsonl,
-RUN_DIR/tensorboard/, RUN_DIR/train.log and, when every epoch is done,
-RUN_DIR/done.json. Rerunning the same command resumes from last.pt and ends
-with the weights an uninterrupted run would have; a finished run is a no-op.
+RUN_DIR/checkpoints/last.pt (every epoch, every validation and every
+train.checkpoint_every_steps steps), RUN_DIR/checkpoints/best.pt (lowest
+validation MPJPE; validation is carved from the TRAINING subjects, never the
+test set), RUN_DIR/log.jsonl, RUN_DIR/tensorboard/, RUN_DIR/train.log and, when
+the run's last step is done, RUN_DIR/done.json. Rerunning the same command
+resumes from last.pt and ends with the weights an uninterrupted run would have;
+a finished run is a no-op.
+
+The run is a sequence of optimiser steps: its length is train.steps (or
+train.epochs epochs), and the learning rate, the order of the training clips
+and the validation points are functions of the global step alone (Schedule),
+so where a run stopped never changes what it computes. Validation runs the
+GT-free train.val_mode on fixed noise, once per train.val_noise_seeds; the
+first seed selects best.pt, the others measure how much of a difference
+between validations is sampling noise (log.jsonl: val_noise_spread).
+
+One trainer per run folder: RUN_DIR/train.lock is held (fcntl.flock, released
+by the kernel when the process dies) and a second trainer is refused, naming
+the holder. Ctrl-C and, when no launcher handles it, SIGTERM finish the step in
+flight, save last.pt and exit (130, 143).
 
 DDP: start one process per GPU with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR
 and MASTER_PORT set (finepose.launch does this); NCCL on GPU, gloo on CPU.
@@ -17,6 +31,9 @@ train.batch_size is the global batch, split evenly over the processes.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import errno
 import inspect
 import json
 import logging
@@ -24,6 +41,8 @@ import math
 import os
 import random
 import shutil
+import signal
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -37,11 +56,13 @@ from torch import nn
 from finepose.data.table import FRAMES_FILE, load_sequences, read_metadata
 from finepose.data.windows import ClipLoader, ClipSource, evaluation_windows, training_clips
 from finepose.io import FinePoseError, atomic_path, atomic_write_json, atomic_write_text
-from finepose.runconfig import describe_difference, load_run_config, model_hash, model_identity
+from finepose.runconfig import (data_hash, data_identity, describe_difference, load_run_config, model_hash,
+                                model_identity, resolve_run_config)
 
 log = logging.getLogger("finepose.train")
 
-CHECKPOINT_FORMAT = "finepose-train-1"
+CHECKPOINT_FORMAT = "finepose-train-2"     # 2: lr and data order by global step (1: per capped epoch)
+EXIT_CODES = {"done": 0, "stopped": 0, "interrupted": 130, "terminated": 143}   # anything else: 3
 
 
 # --------------------------------------------------------------------------------------
@@ -55,48 +76,126 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "never: refuse to start when RUN_DIR already holds a checkpoint")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="stop after this many optimiser steps in total (checkpoint saved, no done.json); "
-                             "rerun without it to finish")
+                             "rerun without it to finish. The run's own length is train.steps or train.epochs")
     parser.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config)
     result = train(cfg, Path(args.out), resume=args.resume, max_steps=args.max_steps, device=args.device)
-    return {"done": 0, "stopped": 0, "interrupted": 130}.get(result["status"], 3)
+    return EXIT_CODES.get(result["status"], 3)
 
 
-class _CtrlC:
+class _StopSignals:
     """First SIGINT (Ctrl-C): finish the current step, save last.pt, return. Second: abort now.
 
+    SIGTERM likewise, but only where nobody else handles it (a bare ``python -m finepose
+    train``; under ``finepose launch`` the launcher's handler turns it into a preemption
+    request): the step in flight finishes, last.pt is saved and the verb exits 143.
     Installed only in the main thread of the main interpreter (signal handlers cannot be set
-    elsewhere); the previous handler is restored on exit.
+    elsewhere); the previous handlers are restored on exit.
     """
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
+        self.requested = False          # SIGINT
+        self.terminated = False         # SIGTERM
+        self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "_CtrlC":
-        import signal
+    def __enter__(self) -> "_StopSignals":
         import threading
 
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
+            if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+                self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle_term)
         return self
 
+    @property
+    def any(self) -> bool:
+        return self.requested or self.terminated
+
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        if self.any:
             raise KeyboardInterrupt
         self.requested = True
         log.warning("interrupt: saving last.pt after this step (press Ctrl-C again to abort without saving)")
 
+    def _handle_term(self, signum, frame) -> None:
+        if self.any:
+            raise SystemExit(143)
+        self.terminated = True
+        log.warning("SIGTERM: saving last.pt after this step, then exiting (143); a second SIGTERM aborts")
+
     def __exit__(self, *exc) -> None:
-        import signal
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
 
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
 
+class RunLock:
+    """RUN_DIR/train.lock, held with ``fcntl.flock`` while a trainer works on the folder.
+
+    The kernel drops the lock when its holder exits or is killed, so a stale lock cannot
+    block a rerun. The file records the holder (pid, host, start time) for the error a
+    second trainer gets. Where the file system does not support flock (some network file
+    systems) a warning says the folder is unprotected and training goes on.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "train.lock"
+        self._handle = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            text = handle.read().strip()
+            handle.close()
+            try:
+                h = json.loads(text)
+                holder = f"pid {h['pid']} on host {h['host']}, started {h['started']}"
+            except (ValueError, KeyError, TypeError):
+                holder = "holder unknown"
+            raise FinePoseError(f"{self.path.parent}: another trainer is running on this run folder ({holder}; "
+                                f"lock file {self.path}); two trainers would overwrite each other's checkpoints. "
+                                "Wait for it to finish or stop it, then rerun (a killed trainer releases the "
+                                "lock by itself)") from None
+        except OSError as exc:   # ENOLCK / EOPNOTSUPP: no flock on this file system
+            log.warning("%s: cannot lock (%s); nothing stops a second trainer on this run folder", self.path, exc)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                                     timespec="seconds")}) + "\n")
+        handle.flush()
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            import fcntl
+
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """A full disk while writing ``path`` becomes an error that says so (the atomic writes leave the
+    previous file in place)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise FinePoseError(f"disk full (ENOSPC) writing {path}: free space on that file system and rerun "
+                                f"the same command; the previous {Path(path).name}, if any, is intact and "
+                                "training resumes from the last checkpoint written") from exc
+        raise
 
 # --------------------------------------------------------------------------------------
 # Distributed set-up
@@ -192,12 +291,27 @@ class TrainData:
     val_description: str
 
 
+def prepared_table(data_dir: str | os.PathLike) -> Path:
+    """``data_dir``/frames.parquet, or an error that says where a relative data.dir was looked for."""
+    path = Path(data_dir) / FRAMES_FILE
+    if path.exists():
+        return path
+    where = str(path)
+    if not Path(data_dir).is_absolute():
+        where = (f"{path} (data.dir {str(data_dir)!r} is relative, so it is taken relative to the current "
+                 f"directory {Path.cwd()}: {path.resolve()})")
+    raise FinePoseError(f"{where}: no prepared dataset there. Run `python -m finepose prepare` for this dataset "
+                        "first, or, when it is prepared elsewhere, run from the folder data.dir is relative to "
+                        "(the workflow's run configs are relative to the repository root) or give an absolute "
+                        "data.dir")
+
+
 def load_train_data(cfg: Mapping[str, Any], run_dir: Path | None = None, dist: Dist | None = None) -> TrainData:
     d = cfg["data"]
     if not d["dir"]:
         raise FinePoseError("run config: data.dir is not set (the prepared dataset folder)")
     data_dir = Path(d["dir"])
-    meta = read_metadata(data_dir / FRAMES_FILE)
+    meta = read_metadata(prepared_table(d["dir"]))
     if meta.get("dataset") != cfg["dataset"]:
         raise FinePoseError(f"{data_dir / FRAMES_FILE} holds dataset {meta.get('dataset')!r}, "
                             f"the run config says dataset {cfg['dataset']!r}")
@@ -342,8 +456,10 @@ def seed_everything(seed: int, rank: int) -> torch.Generator:
     return generator
 
 
-def check_compatible(ckpt: Mapping[str, Any], cfg: Mapping[str, Any], joint_set: str, path: Path) -> None:
-    """Refuse a checkpoint of another variant, dataset, joint set or model definition, naming both."""
+def check_compatible(ckpt: Mapping[str, Any], cfg: Mapping[str, Any], joint_set: str, path: Path,
+                     data_ident: Mapping[str, Any] | None = None) -> None:
+    """Refuse a checkpoint of another variant, dataset, joint set, model definition or training data
+    (2D source, splits, prepared dataset content: ``data_ident`` from runconfig.data_identity), naming both."""
     mine = {"variant": cfg["variant"], "dataset": cfg["dataset"], "joint_set": joint_set}
     for key, value in mine.items():
         theirs = ckpt.get(key)
@@ -354,6 +470,11 @@ def check_compatible(ckpt: Mapping[str, Any], cfg: Mapping[str, Any], joint_set:
         diff = describe_difference(ckpt.get("identity", {}), model_identity(cfg, joint_set))
         raise FinePoseError(f"{path}: checkpoint was trained with a different model definition "
                             f"({'; '.join(diff) or 'hash differs'}); use another --out folder")
+    if data_ident is not None and ckpt.get("data_identity") != data_ident:
+        diff = describe_difference(ckpt.get("data_identity") or {}, data_ident, "data.")
+        raise FinePoseError(f"{path}: checkpoint was trained on other data ({'; '.join(diff) or 'no record'}); "
+                            "resuming would mix two training sets: use another --out folder, or the data.dir "
+                            "and data settings this run was trained with")
 
 
 # --------------------------------------------------------------------------------------
@@ -392,7 +513,7 @@ class RunLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as handle:
+        with _writing(self.path), open(self.path, "a") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
         if self.tb is not None:
             prefix = record.get("kind", "step")
@@ -411,28 +532,57 @@ class RunLog:
 # --------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------
-def validation_mpjpe(model, diffusion, source: ClipSource, cfg: Mapping[str, Any], frames: int,
-                     dist: Dist, epoch: int) -> float:
-    """MPJPE (mm) of the hypothesis mean after the last of train.val_steps DDIM steps, no flip.
+def validation_window_ids(num_windows: int, max_windows: int | None) -> np.ndarray:
+    """All windows, or ``max_windows`` of them evenly spaced over the whole list (windows are in
+    sequence order, so every validation sequence gets its share, not only the first ones)."""
+    ids = np.arange(num_windows)
+    if max_windows and num_windows > max_windows:
+        ids = np.unique(np.linspace(0, num_windows - 1, max_windows).round().astype(np.int64))
+    return ids
 
-    Windows score every frame once; with train.val_max_windows an evenly spaced
-    subset is used. Windows are split over the DDP processes and the sums reduced.
+
+def validation_intrinsics(source: ClipSource, cfg: Mapping[str, Any]) -> np.ndarray | None:
+    """Per-sequence intrinsics for the reprojection modes (j_agg, p_agg); None for mean."""
+    if cfg["train"]["val_mode"] == "mean":
+        return None
+    from finepose.evaluate import intrinsics_table
+
+    table, reason = intrinsics_table(source)
+    if table is None:
+        raise FinePoseError(f"train.val_mode {cfg['train']['val_mode']} reprojects the hypotheses, but the "
+                            f"validation cameras cannot be reprojected ({reason}); use train.val_mode mean")
+    return table
+
+
+def validation_mpjpe(model, diffusion, source: ClipSource, cfg: Mapping[str, Any], frames: int,
+                     dist: Dist, seed: int | None = None, intrinsics: np.ndarray | None = None) -> float:
+    """MPJPE (mm) of the GT-free train.val_mode pose after the last of train.val_steps DDIM steps, no flip.
+
+    Windows score every frame once; with train.val_max_windows an evenly spaced subset is
+    used. The noise is fixed: drawn per window from (``seed``, window id) (default: the first of
+    train.val_noise_seeds), independent of the training RNG and of the run's seed, so every
+    validation of every run sees the same noise. Windows are split over the DDP processes and
+    the sums reduced.
     """
-    from finepose.evaluate import predict_windows
+    from finepose.evaluate import aggregate_window_batch, predict_windows
     from finepose.metrics import joint_errors
 
     t = cfg["train"]
+    seed = t["val_noise_seeds"][0] if seed is None else seed
+    mode = t["val_mode"]
+    if mode != "mean" and intrinsics is None:
+        intrinsics = validation_intrinsics(source, cfg)
     windows = evaluation_windows(source, frames)
-    ids = np.arange(len(windows))
-    if t["val_max_windows"] and len(windows) > t["val_max_windows"]:
-        ids = np.unique(np.linspace(0, len(windows) - 1, t["val_max_windows"]).round().astype(np.int64))
-    ids = ids[dist.rank::dist.world]
+    ids = validation_window_ids(len(windows), t["val_max_windows"])[dist.rank::dist.world]
     total = torch.zeros(2, dtype=torch.float64, device=dist.device)
     for res in predict_windows(model, diffusion, source, windows.take(ids), window_ids=ids, frames=frames,
                                hypotheses=t["val_hypotheses"], steps=t["val_steps"], eta=cfg["eval"]["eta"],
-                               flip=False, batch_size=t["val_batch_size"], seed=cfg["seed"],
+                               flip=False, batch_size=t["val_batch_size"], seed=seed,
                                device=dist.device, amp=t["amp"]):
-        pred = res.x0[-1].mean(dim=1).numpy()                      # (b, F, J, 3): last step, mean over H
+        if mode == "mean":
+            pred = res.x0[-1].mean(dim=1).numpy()                  # (b, F, J, 3): last step, mean over H
+        else:
+            pred = aggregate_window_batch(res, source, [mode], cfg["eval"]["root_trajectory"], intrinsics)[-1, 0]
         scored = res.scored & res.batch.mask                        # (b, F)
         err = joint_errors(pred[scored], res.batch.y3d[scored])      # (frames, J) mm
         total[0] += float(err.mean(axis=-1).sum())
@@ -442,11 +592,99 @@ def validation_mpjpe(model, diffusion, source: ClipSource, cfg: Mapping[str, Any
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
 
+def validate(model, diffusion, source: ClipSource, cfg: Mapping[str, Any], frames: int, dist: Dist,
+             intrinsics: np.ndarray | None) -> dict[str, Any]:
+    """One validation per train.val_noise_seeds. ``val_mpjpe`` is the first seed's (it selects best.pt);
+    with two or more seeds also every seed's value and their spread (max - min), the part of a
+    difference between two validations that the sampling noise alone produces."""
+    seeds = cfg["train"]["val_noise_seeds"]
+    values = [validation_mpjpe(model, diffusion, source, cfg, frames, dist, seed=s, intrinsics=intrinsics)
+              for s in seeds]
+    out: dict[str, Any] = {"val_mpjpe": values[0], "val_mode": cfg["train"]["val_mode"]}
+    if len(values) > 1:
+        out.update(val_mpjpe_seeds=values, val_noise_seeds=list(seeds), val_noise_spread=max(values) - min(values))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# The schedule: everything a function of the global optimiser step
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Schedule:
+    """The run's length, its epochs and its learning rate, as functions of the global step.
+
+    ``steps_per_epoch``: optimiser steps of one pass over the distinct training clips (each
+    with its flipped copy under train.flip_augment; the incomplete last batch dropped).
+    ``epoch_steps``: the length of the trainer's epochs (validation and last.pt cadence):
+    ``steps_per_epoch``, or train.max_steps_per_epoch when that is smaller. ``total``: the run's
+    steps (train.steps, else train.epochs x ``epoch_steps``).
+    """
+    lr: float
+    kind: str
+    decay: float
+    floor: float
+    warmup: int
+    steps_per_epoch: int
+    epoch_steps: int
+    total: int
+
+    @classmethod
+    def from_config(cls, t: Mapping[str, Any], steps_per_epoch: int) -> "Schedule":
+        epoch_steps = min(steps_per_epoch, t["max_steps_per_epoch"] or steps_per_epoch)
+        total = t["steps"] if t["steps"] is not None else t["epochs"] * epoch_steps
+        if t["warmup_steps"] >= total:
+            raise FinePoseError(f"train.warmup_steps {t['warmup_steps']} is not fewer than the run's {total} steps")
+        return cls(lr=float(t["lr"]), kind=t["lr_schedule"], decay=float(t["lr_decay"]), floor=float(t["lr_floor"]),
+                   warmup=int(t["warmup_steps"]), steps_per_epoch=steps_per_epoch, epoch_steps=epoch_steps,
+                   total=int(total))
+
+    def lr_at(self, step: int) -> float:
+        """The lr of the update after ``step`` completed steps (``lr_at(0)``: the first update).
+
+        Warm-up: ``lr * (step + 1) / warmup`` for the first ``warmup`` updates. Then
+        exponential: ``lr * decay ** ((step - warmup) / steps_per_epoch)``, the per-epoch factor
+        spread evenly over the epoch's steps (with no warm-up, epoch e starts at exactly
+        ``lr * decay ** e``, the paper's value); or cosine: from lr down to ``floor`` at the
+        run's last step.
+        """
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        after = step - self.warmup
+        if self.kind == "exponential":
+            return self.lr * self.decay ** (after / self.steps_per_epoch)
+        progress = min(after / max(self.total - self.warmup, 1), 1.0)
+        return self.floor + (self.lr - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def epoch_end(self, step: int) -> bool:
+        return step > 0 and (step % self.epoch_steps == 0 or step == self.total)
+
+    def position(self, step: int, boundary_done: bool) -> dict[str, int]:
+        """{epoch, batch, step}: ``epoch`` counts the epochs whose end (validation, last.pt) is done."""
+        epoch, batch = divmod(step, self.epoch_steps)
+        if self.epoch_end(step):
+            if not boundary_done and batch == 0:
+                epoch, batch = epoch - 1, self.epoch_steps
+            elif boundary_done and batch:
+                epoch, batch = epoch + 1, 0           # the last, shorter epoch of a train.steps budget
+        return {"epoch": epoch, "batch": batch, "step": step}
+
+
+def clip_stream(loader: ClipLoader, step: int):
+    """The training batches from global step ``step`` on: pass p = step // steps_per_epoch over
+    the clips in the loader's order for p, batch step % steps_per_epoch of it, then the next pass."""
+    p, b = divmod(step, loader.batches_per_epoch)
+    while True:
+        for _, batch in loader.batches(p, b):
+            yield batch
+        p, b = p + 1, 0
+
+
 # --------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------
 def _write_done(run_dir: Path, info: dict[str, Any]) -> None:
-    atomic_write_json(run_dir / "done.json", info)
+    with _writing(run_dir / "done.json"):
+        atomic_write_json(run_dir / "done.json", info)
 
 
 def plain(obj: Any) -> Any:
@@ -463,14 +701,41 @@ def plain(obj: Any) -> Any:
 
 
 def _save(path: Path, model, extra: dict[str, Any]) -> None:
-    from finepose.model import save_checkpoint
+    """Atomic checkpoint write. torch.save goes through a Python file object, so a full disk
+    surfaces as OSError(ENOSPC) (torch's own file writer turns it into a bare RuntimeError)."""
+    from finepose.model.checkpoint import checkpoint_dict
 
-    save_checkpoint(path, model, plain(extra))
+    ckpt = checkpoint_dict(model, plain(extra))
+    with _writing(path), atomic_path(path, suffix=".pt.tmp") as tmp:
+        with open(tmp, "wb") as handle:
+            torch.save(ckpt, handle)
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    with atomic_path(dst, suffix=".pt.tmp") as tmp:
+    with _writing(dst), atomic_path(dst, suffix=".pt.tmp") as tmp:
         shutil.copyfile(src, tmp)
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    """The global step a training checkpoint holds (None when missing or unreadable)."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["position"]["step"])
+    except Exception:  # noqa: BLE001 - missing, truncated or foreign: not the best checkpoint we need
+        return None
+
+
+def _done_matches(done: Mapping[str, Any], cfg: Mapping[str, Any], dhash: str) -> bool:
+    """done.json is of this run: same model, same data, same train settings (defaults of newer
+    settings filled in, so a run finished before a setting existed stays finished)."""
+    if done.get("identity_hash") != model_hash(cfg, done.get("joint_set")):
+        return False
+    if "data_hash" in done and done["data_hash"] != dhash:
+        return False
+    try:
+        theirs = resolve_run_config({"train": done.get("train") or {}}, check_model=False)["train"]
+    except FinePoseError:
+        return False
+    return theirs == json.loads(json.dumps(cfg["train"]))
 
 
 def train(cfg: Mapping[str, Any], run_dir: Path, *, resume: str = "auto", max_steps: int | None = None,
@@ -478,10 +743,11 @@ def train(cfg: Mapping[str, Any], run_dir: Path, *, resume: str = "auto", max_st
           probe: Callable[[int, nn.Module], None] | None = None) -> dict[str, Any]:
     """Train (or resume, or confirm finished) the run in ``run_dir``. Returns a status dict.
 
-    ``status`` is ``done`` (every epoch trained; done.json written), ``stopped``
-    (``max_steps`` reached), ``preempted`` (the launcher asked to stop; last.pt
-    saved) or ``interrupted`` (Ctrl-C; last.pt saved after the current step). Test hook: ``probe(step, model)`` sees the model after each backward pass,
-    before the update.
+    ``status`` is ``done`` (the run's last step trained; done.json written), ``stopped``
+    (``max_steps`` reached), ``preempted`` (the launcher asked to stop; last.pt saved),
+    ``interrupted`` (Ctrl-C) or ``terminated`` (SIGTERM of a bare run), both with last.pt saved
+    after the current step. Test hook: ``probe(step, model)`` sees the model after each
+    backward pass, before the update.
     """
     from finepose.launch import preemption_requested   # set by the launcher's SIGUSR2/SIGTERM handlers
 
@@ -489,19 +755,39 @@ def train(cfg: Mapping[str, Any], run_dir: Path, *, resume: str = "auto", max_st
     ckpt_dir = run_dir / "checkpoints"
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     dist = setup_distributed(device)
+    lock = RunLock(run_dir)
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        locked = torch.zeros(1, device=dist.device)
+        error = None
+        if dist.main:
+            try:
+                lock.acquire()
+            except FinePoseError as exc:
+                error, locked[0] = exc, 1.0
+        dist.all_reduce(locked)
+        if error is not None:
+            raise error
+        if locked[0] > 0:
+            raise FinePoseError(f"{lock.path}: rank 0 found another trainer on this run folder (see its log)")
         if resume == "never" and last_path.exists():
             raise FinePoseError(f"{last_path} exists and --resume never was given; use --resume auto to continue "
                                 "it or another --out folder")
+        if not cfg["data"]["dir"]:
+            raise FinePoseError("run config: data.dir is not set (the prepared dataset folder)")
+        meta = read_metadata(prepared_table(cfg["data"]["dir"]))
+        data_ident, dhash = data_identity(cfg, meta), data_hash(cfg, meta)
         if (run_dir / "done.json").exists() and last_path.exists():
             done = json.loads((run_dir / "done.json").read_text())
-            if done.get("identity_hash") == model_hash(cfg, done.get("joint_set")) and \
-                    done.get("train") == json.loads(json.dumps(cfg["train"])):
+            if _done_matches(done, cfg, dhash):
                 if dist.main:
                     log.info("%s: already finished (done.json); nothing to do", run_dir)
                 return {"status": "done", **done}
             # otherwise (e.g. more epochs asked for): resume from last.pt below
-        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = None
+        if last_path.exists():
+            ckpt = _load_for_resume(last_path)
+            check_compatible(ckpt, cfg, meta.get("joint_set"), last_path, data_ident)
         data = load_train_data(cfg, run_dir, dist)
         ident_hash = model_hash(cfg, data.joint_set)
         t = cfg["train"]
@@ -512,22 +798,18 @@ def train(cfg: Mapping[str, Any], run_dir: Path, *, resume: str = "auto", max_st
         model, diffusion = build(cfg, model_cfg, dist.device)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=t["lr"], betas=tuple(t["betas"]), weight_decay=t["weight_decay"])
-        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=t["lr_decay"])
 
         clips = training_clips(data.train, frames, flip=t["flip_augment"])
-        loader = ClipLoader(data.train, clips, frames, t["batch_size"], cfg["seed"], dist.rank, dist.world,
-                            t["max_steps_per_epoch"])
-        epoch, start_batch, step = 0, 0, 0
+        loader = ClipLoader(data.train, clips, frames, t["batch_size"], cfg["seed"], dist.rank, dist.world)
+        sched = Schedule.from_config(t, loader.batches_per_epoch)
+        step, boundary_done = 0, 0
         best = {"val_mpjpe": math.inf, "epoch": None, "step": None}
         history: list[dict[str, Any]] = []
         resumed_from = -1
-        if last_path.exists():
-            ckpt = _load_for_resume(last_path)
-            check_compatible(ckpt, cfg, data.joint_set, last_path)
+        if ckpt is not None:
             model.load_state_dict(ckpt["state_dict"])
             optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            epoch, start_batch, step = (int(ckpt["position"][k]) for k in ("epoch", "batch", "step"))
+            step, boundary_done = int(ckpt["position"]["step"]), int(ckpt["boundary_done"])
             best, history = dict(ckpt["best"]), list(ckpt["history"])
             rngs = ckpt["rng"]
             if len(rngs) == dist.world:
@@ -538,17 +820,30 @@ def train(cfg: Mapping[str, Any], run_dir: Path, *, resume: str = "auto", max_st
                 generator = seed_everything(cfg["seed"] + step, dist.rank)
             resumed_from = step
             if dist.main:
-                log.info("resuming %s at epoch %d batch %d (step %d)", last_path, epoch, start_batch, step)
+                pos = ckpt["position"]
+                log.info("resuming %s at epoch %d batch %d (step %d)", last_path, pos["epoch"], pos["batch"], step)
+            del ckpt
+        if step > sched.total:
+            raise FinePoseError(f"{last_path} is at step {step}, beyond this run's {sched.total} steps "
+                                "(train.steps / train.epochs were lowered); use another --out folder")
 
+        def set_lr(at: int) -> float:
+            lr = sched.lr_at(at)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            return lr
+
+        set_lr(step)
         runlog = RunLog(run_dir, dist.main, resumed_from)
         if dist.main:
             log.info("run %s: variant %s, dataset %s, %d training clips (%d sequences), validation: %s, "
-                     "%d batches/epoch, %d processes on %s",
+                     "%d steps per epoch (one pass over the clips), %d steps in all, %d processes on %s",
                      cfg["name"], cfg["variant"], cfg["dataset"], len(clips), data.train.num_sequences,
-                     data.val_description, loader.batches_per_epoch, dist.world, dist.device)
+                     data.val_description, sched.steps_per_epoch, sched.total, dist.world, dist.device)
             if resumed_from < 0:
                 runlog.write({"kind": "start", "step": 0, "config": dict(cfg), "identity_hash": ident_hash,
-                              "clips": len(clips), "batches_per_epoch": loader.batches_per_epoch,
+                              "data_hash": dhash, "clips": len(clips), "steps_per_epoch": sched.steps_per_epoch,
+                              "batches_per_epoch": sched.epoch_steps, "total_steps": sched.total,
                               "world_size": dist.world, "device": str(dist.device)})
 
         step_module: nn.Module = TrainStep(model, diffusion, cfg["diffusion"]["loss"])
@@ -563,6 +858,7 @@ def train(cfg: Mapping[str, Any], run_dir: Path, *, resume: str = "auto", max_st
                               **quiet)
         amp = t["amp"] and dist.device.type == "cuda"
         official = cfg["diffusion"]["official_grad_scaling"] and cfg["diffusion"]["loss"] == "mpjpe"
+        intrinsics = validation_intrinsics(data.val, cfg) if data.val is not None else None
 
         def extra(position: dict[str, int]) -> dict[str, Any]:
             rngs = [rng_state(generator)]
@@ -572,149 +868,214 @@ def train(cfg: Mapping[str, Any], run_dir: Path, *, resume: str = "auto", max_st
                 rngs = gathered
             return {
                 "format": CHECKPOINT_FORMAT, "run_config": dict(cfg), "identity": model_identity(cfg, data.joint_set),
-                "identity_hash": ident_hash, "variant": cfg["variant"], "dataset": cfg["dataset"],
+                "identity_hash": ident_hash, "data_identity": data_ident, "data_hash": dhash,
+                "variant": cfg["variant"], "dataset": cfg["dataset"],
                 "joint_set": data.joint_set, "source_2d": cfg["data"]["source_2d"], "demo": cfg["demo"],
                 "frames": frames, "actions": data.actions, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": rngs, "position": position, "best": best,
-                "history": history, "world_size": dist.world, "val_description": data.val_description,
+                "schedule": asdict(sched), "rng": rngs, "position": position, "boundary_done": boundary_done,
+                "best": best, "history": history, "world_size": dist.world, "val_description": data.val_description,
                 "train_subjects": data.train_subjects,
             }
 
-        def save_last(position: dict[str, int]) -> None:
-            payload = extra(position)          # every rank joins the RNG gather
+        def save_last() -> None:
+            payload = extra(sched.position(step, boundary_done == step))   # every rank joins the RNG gather
             if dist.main:
                 _save(last_path, model, payload)
 
-        total_steps = t["epochs"] * loader.batches_per_epoch
+        def validate_at(s: int) -> bool:
+            if data.val is None or s <= 0:
+                return False
+            if s == sched.total:
+                return True
+            if t["val_every_steps"]:
+                return s % t["val_every_steps"] == 0
+            return sched.epoch_end(s) and (s // sched.epoch_steps) % t["val_every_epochs"] == 0
+
+        def at_boundary(s: int) -> bool:
+            return sched.epoch_end(s) or validate_at(s)
+
+        def boundary() -> None:
+            """End of an epoch and/or a validation point: validate, choose best, write the log record,
+            then best.pt (when improved) and last.pt, in that order, so that best.pt never lags
+            behind the record of which step is best."""
+            nonlocal best, boundary_done
+            end = sched.epoch_end(step)
+            record: dict[str, Any] = {"kind": "epoch" if end else "val",
+                                      "epoch": sched.position(step, False)["epoch"], "step": step,
+                                      "lr": optimizer.param_groups[0]["lr"]}
+            if validate_at(step):
+                v0 = time.perf_counter()
+                record.update(validate(model, diffusion, data.val, cfg, frames, dist, intrinsics))
+                record["val_s"] = time.perf_counter() - v0
+            improved = ("val_mpjpe" in record and record["val_mpjpe"] < best["val_mpjpe"]) or \
+                (data.val is None and step == sched.total)
+            if improved:
+                best = {"val_mpjpe": record.get("val_mpjpe", math.nan), "epoch": record["epoch"], "step": step}
+            history.append(record)
+            boundary_done = step
+            payload = extra(sched.position(step, True))
+            if dist.main:
+                runlog.write(record)
+                if improved:
+                    _save(best_path, model, payload)
+                    _copy_atomic(best_path, last_path)
+                else:
+                    _save(last_path, model, payload)
+                spread = f" (noise spread {record['val_noise_spread']:.2f})" if "val_noise_spread" in record else ""
+                log.info("%s: step %d, lr %.3g%s", f"epoch {record['epoch']} done" if end else "validation",
+                         step, record["lr"],
+                         f", val MPJPE {record['val_mpjpe']:.2f} mm{spread}" if "val_mpjpe" in record else "")
+
         show = (sys.stderr.isatty() if progress is None else progress) and dist.main
         bar = None
         if show:
             from tqdm import tqdm
 
-            bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, desc=cfg["name"])
+            bar = tqdm(total=sched.total, initial=step, unit="step", dynamic_ncols=True, desc=cfg["name"])
         wall0 = time.perf_counter()
         status = "done"
         window = {"clips": 0, "time": 0.0, "data": 0.0, "loss": 0.0, "n": 0}
         model.train()
-        ctrl_c = _CtrlC().__enter__()
-        while epoch < t["epochs"] and status == "done":
+        stop = _StopSignals().__enter__()
+        if at_boundary(step) and boundary_done < step:      # stopped after a step whose boundary was pending
+            boundary()
+        stream = clip_stream(loader, step)
+        while step < sched.total:
             tick = time.perf_counter()
-            for k, batch in loader.batches(epoch, start_batch):
-                data_s = time.perf_counter() - tick
-                # per-clip randomness of the GLOBAL batch; this rank takes its slice
-                t_all = diffusion.sample_timesteps(t["batch_size"], generator)
-                noise_all = torch.randn((t["batch_size"], frames, batch.x2d.shape[2], 3), generator=generator)
-                mine = slice(dist.rank * loader.local_batch, (dist.rank + 1) * loader.local_batch)
-                dev = dist.device
-                x2d = torch.from_numpy(batch.x2d).to(dev, non_blocking=True)
-                y0 = torch.from_numpy(batch.y3d).to(dev, non_blocking=True)
-                mask = torch.from_numpy(batch.mask).to(dev, non_blocking=True)
-                actions = [data.actions[i] for i in batch.action_id]
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                    value = step_module(x2d, y0, mask, t_all[mine].to(dev), noise_all[mine].to(dev), actions)
-                # value = (sum over local frames of the per-frame loss) / (local frames incl. masked)
-                local_frames = batch.mask.size
-                stop_flag = 2.0 if ctrl_c.requested else float(preemption_requested())
-                stats = torch.tensor([value.detach().double().item() * local_frames, float(batch.mask.sum()),
-                                      stop_flag], dtype=torch.float64, device=dev)
-                dist.all_reduce(stats)
-                loss_global = float(stats[0] / stats[1])
-                # DDP averages gradients over processes: scale so the sum is d(loss_global)
-                factor = dist.world * local_frames / float(stats[1])
-                if official:
-                    factor *= loss_global   # gradient of 0.5*loss^2, with the GLOBAL loss value
-                (value * factor).backward()
-                if probe is not None:
-                    probe(step + 1, model)
-                if t["grad_clip"]:
-                    torch.nn.utils.clip_grad_norm_(params, t["grad_clip"])
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                step_s = time.perf_counter() - tick
-                window["clips"] += t["batch_size"]; window["time"] += step_s; window["data"] += data_s
-                window["loss"] += loss_global; window["n"] += 1
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss_global:.4f}", clips_s=f"{t['batch_size'] / step_s:.1f}", epoch=epoch)
-                if dist.main and (step % t["log_every_steps"] == 0 or k == loader.batches_per_epoch - 1):
-                    runlog.write({"kind": "step", "step": step, "epoch": epoch, "batch": k,
-                                  "loss": window["loss"] / window["n"], "lr": optimizer.param_groups[0]["lr"],
-                                  "clips_per_s": window["clips"] / window["time"],
-                                  "data_s": window["data"] / window["n"], "step_s": window["time"] / window["n"]})
-                    window = {"clips": 0, "time": 0.0, "data": 0.0, "loss": 0.0, "n": 0}
-                position = {"epoch": epoch, "batch": k + 1, "step": step}
-                if stats[2] > 0:
-                    save_last(position)
-                    status = "interrupted" if ctrl_c.requested else "preempted"
-                    break
-                if max_steps is not None and step >= max_steps:
-                    save_last(position)
-                    status = "stopped"
-                    break
-                if t["checkpoint_every_steps"] and step % t["checkpoint_every_steps"] == 0:
-                    save_last(position)
-                tick = time.perf_counter()
-            if status != "done":
+            batch = next(stream)
+            data_s = time.perf_counter() - tick
+            # per-clip randomness of the GLOBAL batch; this rank takes its slice
+            t_all = diffusion.sample_timesteps(t["batch_size"], generator)
+            noise_all = torch.randn((t["batch_size"], frames, batch.x2d.shape[2], 3), generator=generator)
+            mine = slice(dist.rank * loader.local_batch, (dist.rank + 1) * loader.local_batch)
+            dev = dist.device
+            x2d = torch.from_numpy(batch.x2d).to(dev, non_blocking=True)
+            y0 = torch.from_numpy(batch.y3d).to(dev, non_blocking=True)
+            mask = torch.from_numpy(batch.mask).to(dev, non_blocking=True)
+            actions = [data.actions[i] for i in batch.action_id]
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                value = step_module(x2d, y0, mask, t_all[mine].to(dev), noise_all[mine].to(dev), actions)
+            # value = (sum over local frames of the per-frame loss) / (local frames incl. masked)
+            local_frames = batch.mask.size
+            stop_flag = float(stop.any or preemption_requested())
+            stats = torch.tensor([value.detach().double().item() * local_frames, float(batch.mask.sum()),
+                                  stop_flag], dtype=torch.float64, device=dev)
+            dist.all_reduce(stats)
+            loss_global = float(stats[0] / stats[1])
+            # DDP averages gradients over processes: scale so the sum is d(loss_global)
+            factor = dist.world * local_frames / float(stats[1])
+            if official:
+                factor *= loss_global   # gradient of 0.5*loss^2, with the GLOBAL loss value
+            (value * factor).backward()
+            if probe is not None:
+                probe(step + 1, model)
+            if t["grad_clip"]:
+                torch.nn.utils.clip_grad_norm_(params, t["grad_clip"])
+            lr_used = set_lr(step)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            set_lr(step)                       # the next update's lr, as saved in the optimizer state
+            step_s = time.perf_counter() - tick
+            window["clips"] += t["batch_size"]; window["time"] += step_s; window["data"] += data_s
+            window["loss"] += loss_global; window["n"] += 1
+            pos = sched.position(step, False)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_global:.4f}", clips_s=f"{t['batch_size'] / step_s:.1f}",
+                                epoch=pos["epoch"])
+            if dist.main and (step % t["log_every_steps"] == 0 or sched.epoch_end(step)):
+                runlog.write({"kind": "step", "step": step, "epoch": pos["epoch"], "batch": pos["batch"] - 1,
+                              "loss": window["loss"] / window["n"], "lr": lr_used,
+                              "clips_per_s": window["clips"] / window["time"],
+                              "data_s": window["data"] / window["n"], "step_s": window["time"] / window["n"]})
+                window = {"clips": 0, "time": 0.0, "data": 0.0, "loss": 0.0, "n": 0}
+            if stats[2] > 0:
+                save_last()
+                status = "interrupted" if stop.requested else "terminated" if stop.terminated else "preempted"
                 break
-            # end of epoch: lr decay, validation, checkpoints
-            scheduler.step()
-            record: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "step": step,
-                                      "lr": optimizer.param_groups[0]["lr"]}
-            last_epoch = epoch == t["epochs"] - 1
-            if data.val is not None and ((epoch + 1) % t["val_every_epochs"] == 0 or last_epoch):
-                v0 = time.perf_counter()
-                val = validation_mpjpe(model, diffusion, data.val, cfg, frames, dist, epoch)
-                record.update(val_mpjpe=val, val_s=time.perf_counter() - v0)
-            history.append(record)
-            improved = ("val_mpjpe" in record and record["val_mpjpe"] < best["val_mpjpe"]) or \
-                (data.val is None and last_epoch)
-            if improved:
-                best = {"val_mpjpe": record.get("val_mpjpe", math.nan), "epoch": epoch, "step": step}
-            epoch, start_batch = epoch + 1, 0
-            save_last({"epoch": epoch, "batch": 0, "step": step})
-            if dist.main:
-                if improved:
-                    _copy_atomic(last_path, best_path)
-                runlog.write(record)
-                log.info("epoch %d done: step %d, lr %.3g%s", record["epoch"], step, record["lr"],
-                         f", val MPJPE {record['val_mpjpe']:.2f} mm" if "val_mpjpe" in record else "")
-        ctrl_c.__exit__()
+            saved = False
+            if at_boundary(step):
+                boundary()
+                saved = True
+            if max_steps is not None and step >= max_steps and step < sched.total:
+                if not saved:
+                    save_last()
+                status = "stopped"
+                break
+            if not saved and t["checkpoint_every_steps"] and step % t["checkpoint_every_steps"] == 0:
+                save_last()
+        stop.__exit__()
         if bar is not None:
             bar.close()
-        result: dict[str, Any] = {"status": status, "step": step, "epoch": epoch}
+        epochs_done = sched.position(step, boundary_done == step)["epoch"]
+        result: dict[str, Any] = {"status": status, "step": step, "epoch": epochs_done}
         if status == "done" and dist.main:
-            if not best_path.exists():       # no validation ever ran (e.g. val_every_epochs > epochs)
-                _copy_atomic(last_path, best_path)
+            _reconcile_best(best_path, last_path, best, step)
             info = {
                 "run": cfg["name"], "variant": cfg["variant"], "dataset": cfg["dataset"], "joint_set": data.joint_set,
                 "source_2d": cfg["data"]["source_2d"], "seed": cfg["seed"], "demo": cfg["demo"],
-                "identity_hash": ident_hash, "epochs": t["epochs"], "steps": step,
+                "identity_hash": ident_hash, "data_hash": dhash, "epochs": epochs_done, "steps": step,
+                "steps_per_epoch": sched.steps_per_epoch, "passes_over_clips": step / sched.steps_per_epoch,
                 "best": str(best_path), "last": str(last_path), "best_epoch": best["epoch"],
+                "best_step": best["step"],
                 "best_val_mpjpe": best["val_mpjpe"] if math.isfinite(best["val_mpjpe"]) else None,
-                "validation": data.val_description, "clip_weights": getattr(model, "clip_weights", None),
+                "validation": data.val_description, "val_mode": t["val_mode"],
+                "clip_weights": getattr(model, "clip_weights", None),
                 "world_size": dist.world, "wall_s_this_process": time.perf_counter() - wall0,
                 "train": cfg["train"],
             }
             _write_done(run_dir, info)
             result.update(info)
         if dist.main:
-            runlog.write({"kind": "end", "step": step, "status": status, "epoch": epoch})
+            runlog.write({"kind": "end", "step": step, "status": status, "epoch": epochs_done})
             log.info("run %s %s at step %d", cfg["name"], status, step)
         runlog.close()
         return result
     finally:
-        if "ctrl_c" in locals():
-            ctrl_c.__exit__()          # restore the caller's SIGINT handler, also on errors
+        if "stop" in locals():
+            stop.__exit__()            # restore the caller's signal handlers, also on errors
+        lock.release()
         if dist.created_group:
             torch.distributed.destroy_process_group()
 
 
-def _load_for_resume(path: Path) -> dict[str, Any]:
-    from finepose.model import read_checkpoint
+def _reconcile_best(best_path: Path, last_path: Path, best: Mapping[str, Any], step: int) -> None:
+    """Make sure best.pt holds the step the run's record calls best before done.json names it.
 
-    ckpt = read_checkpoint(path)
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise FinePoseError(f"{path}: not a finepose training checkpoint (format {ckpt.get('format')!r}); "
+    best.pt is written before last.pt, so it can only be missing or hold a step that is not
+    the record's after an interruption between the two writes or a foreign edit. When the
+    best step is the last one, last.pt is that checkpoint; otherwise the weights are gone and
+    the error says so.
+    """
+    held = _checkpoint_step(best_path) if best_path.exists() else None
+    if best["step"] is not None and held == best["step"]:
+        return
+    if best["step"] is None or best["step"] == step:
+        if best_path.exists():
+            log.warning("%s holds step %s, the best is step %s (last.pt): copying last.pt", best_path, held, step)
+        _copy_atomic(last_path, best_path)
+        return
+    raise FinePoseError(f"{best_path} holds step {held}, but {last_path} records step {best['step']} as the best "
+                        "and its weights are not kept anywhere else; delete the run folder's checkpoints/ "
+                        "to retrain, or rerun with the train settings that produced best.pt")
+
+
+def _load_for_resume(path: Path) -> dict[str, Any]:
+    """last.pt of this run folder, or an error that names the file, what is wrong and the fix."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for damaged zip files
+        size = path.stat().st_size if path.exists() else 0
+        raise FinePoseError(f"{path}: this run's last checkpoint is truncated or corrupt ({size} bytes; "
+                            f"{type(exc).__name__}: {exc}). Delete it to restart the run from step 0, or restore "
+                            "it from a backup, then rerun") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+        if fmt == "finepose-train-1":
+            raise FinePoseError(f"{path}: written by an older finepose (format finepose-train-1: the lr decayed "
+                                "per capped epoch, the clips were drawn per epoch); it cannot be resumed with "
+                                "the same result. Finish it with that version, or delete it to retrain")
+        raise FinePoseError(f"{path}: not a finepose training checkpoint (format {fmt!r}); "
                             "it cannot be resumed; use another --out folder")
     return ckpt
