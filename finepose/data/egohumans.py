@@ -55,7 +55,9 @@ from finepose.data.table import (
     is_up_to_date,
     write_table,
 )
+from finepose.datasets import PROMPT_WITH_ACTION, DatasetInfo
 from finepose.io import FinePoseError, sha256_file
+from finepose.skeleton import COCO17
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,20 @@ JSON_NAME = "person_keypoints_ego_rgb.json"
 TEST_ACTIVITIES = ("tagging", "legoassemble", "fencing")
 ALL_ACTIVITIES = TEST_ACTIVITIES + ("basketball", "volleyball", "badminton", "tennis")
 MIN_VISIBLE_JOINTS = 5
+# Multi-human, test split only: each character lifted on its own, scored per video (Table 6).
+INFO = DatasetInfo(
+    name=DATASET, label="EgoHumans", joint_set=COCO17, actions=ALL_ACTIVITIES, prompt_layout=PROMPT_WITH_ACTION,
+    multi_person=True, camera_model="fisheye_aria", metrics=("mpjpe", "video_means"),
+    groupings=("video", "activity"), headline_average="activities", splits=("test",))
+OPTIONS_SCHEMA = {
+    "type": "object", "additionalProperties": False,
+    "properties": {
+        "activities": {"type": "array", "items": {"enum": list(ALL_ACTIVITIES)}, "minItems": 1, "uniqueItems": True},
+        "data_root": {"type": "string"},
+        "min_visible_joints": {"type": "integer", "minimum": 1},
+        "max_reprojection_px": {"type": "number", "exclusiveMinimum": 0},
+    },
+}
 ROOT_JOINTS = (11, 12)  # COCO left_hip, right_hip: the root is their midpoint
 _VIDEO_NAME = re.compile(r"^(?P<activity>[a-z]+)_(?P<seq>\d+_[a-z]+)_(?P<camera>[A-Za-z]+\d+)_(?P<mode>[a-z]+)$")
 
@@ -326,7 +342,7 @@ def prepare(raw_dir: Path, out_dir: Path, *, force: bool = False, activities: It
         "keypoints_3d_frame": "upright Aria RGB camera (X' = -Y, Y' = X, Z' = Z of the sensor frame)",
         "confidence_2d_gt": "1.0 where the json's v > 0 (joint inside the image)",
         "reprojection_available": reprojection_available,
-        "frame": "time_stamp - 1", "splits": {"test": sorted(videos)},
+        "frame": "time_stamp - 1", "splits": {"test": sorted(videos)}, "dataset_info": INFO.to_dict(),
     }
     frames_table = build_frame_table(table_columns, NUM_JOINTS, metadata)
     cameras_table = build_camera_table(camera_rows, {k: metadata[k] for k in (

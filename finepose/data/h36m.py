@@ -49,6 +49,7 @@ import pyarrow.parquet as pq
 from finepose import camera as cam_mod
 from finepose import skeleton
 from finepose.data import table
+from finepose.datasets import PROMPT_WITH_ACTION, DatasetInfo
 from finepose.io import FinePoseError, sha256_file
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,23 @@ TEST_SUBJECTS = ("S9", "S11")
 # the files do not belong together.
 DEFAULT_MAX_TRIM = 10
 CALIBRATION_RESOURCE = "finepose/resources/h36m_cameras.json"
+
+INFO = DatasetInfo(
+    name=DATASET, label="Human3.6M", joint_set=skeleton.H36M17, actions=ACTIONS, prompt_layout=PROMPT_WITH_ACTION,
+    camera_model="pinhole_radtan", metrics=("mpjpe",),
+    groupings=("action", "subject", "sequence", "action_subject"), headline_average="actions",
+    splits=("train", "test"))
+OPTIONS_SCHEMA = {
+    "type": "object", "additionalProperties": False,
+    "properties": {
+        "layout": {"enum": ["auto", *LAYOUTS], "description": "which release layout the folder holds"},
+        "sources_2d": {"type": "array", "items": {"type": "string"}, "minItems": 1,
+                       "description": "detector 2D sources to keep (sh, or <source> of data_2d_h36m_<source>.npz)"},
+        "max_trim": {"type": "integer", "minimum": 0,
+                     "description": "largest 2D/3D length difference trimmed rather than refused"},
+        "progress": {"type": "boolean"},
+    },
+}
 
 _ALIASES = {a.lower(): a for a in ACTIONS} | {"takingphoto": "Photo", "walkingdog": "WalkDog"}
 _NAME_RE = re.compile(r"^([A-Za-z]+)(?:[ _](\d+))?$")
@@ -604,7 +622,7 @@ def prepare(raw_dir: Path, out_dir: Path, *, force: bool = False, layout: str = 
         "reader_version": READER_VERSION, "options": options, "actions": list(ACTIONS),
         "layout": layout, "calibration": raw.calibration, "splits": {"train": list(TRAIN_SUBJECTS),
                                                                      "test": list(TEST_SUBJECTS)},
-        "summary": summary,
+        "summary": summary, "dataset_info": INFO.to_dict(),
     }
     frames = table.build_frame_table(columns, NUM_JOINTS, metadata)
     del columns

@@ -43,7 +43,9 @@ from finepose.data.table import (
     is_up_to_date,
     write_table,
 )
+from finepose.datasets import PROMPT_WITHOUT_ACTION, DatasetInfo
 from finepose.io import FinePoseError, sha256_file
+from finepose.skeleton import MPI_INF_3DHP17
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,20 @@ ACTIVITIES = (
     "On The Floor", "Sports", "Miscellaneous",
 )
 TRAIN_ACTION = "none"
+# No action text in its prompts (the released model's 6-segment layout); PCK/AUC as the protocol.
+INFO = DatasetInfo(
+    name=DATASET, label="MPI-INF-3DHP", joint_set=MPI_INF_3DHP17, actions=ACTIVITIES + (TRAIN_ACTION,),
+    prompt_layout=PROMPT_WITHOUT_ACTION, camera_model="pinhole", metrics=("mpjpe", "pck_auc"),
+    groupings=("activity", "sequence"), headline_average="frames", splits=("train", "test"))
+OPTIONS_SCHEMA = {
+    "type": "object", "additionalProperties": False,
+    "properties": {
+        "parts": {"type": "array", "items": {"enum": ["test", "train"]}, "minItems": 1, "uniqueItems": True},
+        "train_cameras": {"oneOf": [{"type": "null"}, {"type": "array", "items": {"type": "integer", "minimum": 0},
+                                                       "minItems": 1}]},
+        "max_reprojection_px": {"type": "number", "exclusiveMinimum": 0},
+    },
+}
 # Image size of the test sequences (official evaluation code).
 TEST_IMAGE_SIZE = {1: (2048, 2048), 2: (2048, 2048), 3: (2048, 2048), 4: (2048, 2048),
                    5: (1920, 1080), 6: (1920, 1080)}
@@ -511,7 +527,7 @@ def prepare(raw_dir: Path, out_dir: Path, *, force: bool = False,
                                                              "keypoints_3d_univ": "m"},
         "sources_2d": [], "source_files": source_files, "reader": __name__, "reader_version": READER_VERSION,
         "options": options, "actions": list(ACTIVITIES) + ([TRAIN_ACTION] if train_seqs else []),
-        "root_joint": 14, "splits": {"train": sorted({s for s, _, _ in train_seqs}),
+        "root_joint": 14, "dataset_info": INFO.to_dict(), "splits": {"train": sorted({s for s, _, _ in train_seqs}),
                                      "test": [f.name for _, f in test_seqs]},
     }
     frames = build_frame_table(table_columns, NUM_JOINTS, metadata)
