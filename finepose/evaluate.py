@@ -126,11 +126,9 @@ def _intrinsics_vector(info: Mapping[str, Any]) -> np.ndarray:
     """One cameras.parquet row -> the intrinsics array of finepose.aggregate: 9 values (pinhole:
     fx fy cx cy k1 k2 k3 p1 p2, zero distortion where unknown) or 16 (Aria fisheye: its 15
     sensor-frame intrinsics and the upright image width). ValueError when the row lacks them."""
-    from finepose.camera import intrinsics_from_row
+    from finepose.camera import aria_intrinsics_from_row, intrinsics_from_row
 
     if (info.get("model") or "pinhole") == "fisheye_aria":
-        from finepose.data.egohumans import aria_intrinsics_from_row
-
         return np.append(aria_intrinsics_from_row(info), float(info["res_w"]))
     cam = intrinsics_from_row(info)
     k = cam["k"] if cam["k"] is not None and len(cam["k"]) == 3 else np.zeros(3)

@@ -297,7 +297,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--intrinsics", nargs=4, type=float, default=None, metavar=("FX", "FY", "CX", "CY"),
                         help="pinhole intrinsics in pixels: enables J-Agg (JPMA) and the root position")
     parser.add_argument("--action", default=None, help="action text for the prompt (one of the model's actions)")
-    parser.add_argument("--format", choices=INPUT_FORMATS, default="coco17", help="joint order of the input")
+    parser.add_argument("--format", choices=INPUT_FORMATS, default=INPUT_FORMATS[0], help="joint order of the input")
     parser.add_argument("--conf-threshold", type=float, default=0.3,
                         help="joints scored below this are interpolated in time (default 0.3)")
     parser.add_argument("--hypotheses", "-H", type=int, default=None, help="H (default: the run config's eval)")
@@ -322,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def lift(checkpoint: Path, keypoints: Path, out_dir: Path, *, image_size: tuple[int, int],
-         intrinsics: Seq[float] | None = None, action: str | None = None, input_format: str = "coco17",
+         intrinsics: Seq[float] | None = None, action: str | None = None, input_format: str = INPUT_FORMATS[0],
          conf_threshold: float = 0.3, hypotheses: int | None = None, steps: int | None = None, mode: str = "auto",
          flip: bool = True, seed: int = 0, batch_size: int = 8, device: str = "auto",
          render: Path | None = None) -> dict[str, Any]:

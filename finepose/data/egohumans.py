@@ -46,7 +46,9 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from finepose.camera import project_aria, rotate_3d_to_upright
+from finepose.camera import (  # noqa: F401  (the Aria camera-row helpers live there)
+    aria_intrinsics_from_row, camera_row_intrinsics, project_aria, project_fisheye_aria, rotate_3d_to_upright,
+)
 from finepose.data.table import (
     CAMERAS_FILE,
     FRAMES_FILE,
@@ -88,29 +90,6 @@ _VIDEO_NAME = re.compile(r"^(?P<activity>[a-z]+)_(?P<seq>\d+_[a-z]+)_(?P<camera>
 
 
 # --------------------------------------------------------------------------- geometry
-
-def camera_row_intrinsics(intrinsics: np.ndarray, res_w: int) -> dict[str, Any]:
-    """15 Aria intrinsics (unrotated) -> the camera-table fields (upright encoding, see the module docstring)."""
-    intr = [float(v) for v in intrinsics]
-    return {"fx": intr[0], "fy": intr[0], "cx": res_w - intr[2], "cy": intr[1], "k": intr[3:9], "p": intr[9:15]}
-
-
-def aria_intrinsics_from_row(row: Mapping[str, Any]) -> np.ndarray:
-    """Inverse of ``camera_row_intrinsics``: a cameras.parquet row -> the 15 unrotated Aria intrinsics."""
-    if row.get("fx") is None:
-        raise ValueError(f"camera {row.get('camera')} of {row.get('subject')} has no intrinsics "
-                         f"(intrinsics_source {row.get('intrinsics_source')!r})")
-    k, p = row.get("k"), row.get("p")
-    if k is None or p is None or len(k) != 6 or len(p) != 6:
-        raise ValueError(f"camera {row.get('camera')} of {row.get('subject')}: the fisheye_aria row lacks its 6 "
-                         "radial (k) and 6 tangential/thin-prism (p) terms")
-    return np.array([row["fx"], row["cy"], row["res_w"] - row["cx"], *row["k"], *row["p"]], dtype=np.float64)
-
-
-def project_fisheye_aria(points: np.ndarray, row: Mapping[str, Any]) -> np.ndarray:
-    """(..., 3) upright camera-frame points (as in the frame table) -> (..., 2) upright pixels, with a camera row."""
-    return project_aria(np.asarray(points, dtype=np.float64), aria_intrinsics_from_row(row), row["res_w"])
-
 
 def read_aria_calibration(path: Path) -> dict[str, np.ndarray]:
     """One ``calib/TTTTT.txt`` -> {'rgb': 15 intrinsics, 'rgb_extrinsics': (3, 4) world-to-camera, ...}."""

@@ -129,12 +129,12 @@ def cross_check(cfg: dict) -> list[str]:
         elif "synth" in info and not info.get("release"):
             info["release"] = SYNTH_FOLDERS[info["synth"]["format"]]
         try:
-            module = fp_datasets.load_reader(info["reader"])
+            reader = fp_datasets.load_reader(info["reader"])
         except FinePoseError as exc:
             problems.append(f"datasets.{name}.reader: {exc}")
             continue
-        DESCRIPTIONS[name] = module.INFO
-        for problem in check_options(module, reader_options(info), info["reader"]):
+        DESCRIPTIONS[name] = reader.INFO
+        for problem in check_options(reader, reader_options(info), info["reader"]):
             problems.append(f"datasets.{name}.prepare.{problem}")
     for i, exp in enumerate(cfg["experiments"]):
         at = f"experiments[{i}]"
