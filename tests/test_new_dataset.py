@@ -14,11 +14,10 @@ import csv
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from test_workflow import copy_workflow, load_config, save_config, smk
@@ -40,7 +39,7 @@ def _lab_config(wf: Path, release: Path) -> dict:
                                "release": release.name, "prepare": {"cameras": ["cam_a", "cam_b", "cam_c"]},
                                "sources_2d": ["gt"]}}
     cfg["experiments"] = [{"name": "lab15", "dataset": "lab", "variants": ["finepose", "wo_prompt"], "seeds": [0]}]
-    cfg["train"] = {**cfg["train"], "epochs": 1, "max_steps_per_epoch": 6, "val_max_windows": 4}
+    cfg["train"] = {**cfg["train"], "epochs": 1, "max_steps_per_epoch": 4, "val_max_windows": 2}
     cfg["inference"] = {**cfg["inference"], "hypotheses": 2, "steps": 2}
     cfg["tables"] = {"compare_mode": "j_best", "gt_free_mode": "j_agg"}      # no paper table: none is about lab15
     return cfg
@@ -51,7 +50,7 @@ def lab_workflow(tmp_path_factory) -> Path:
     from fourth_dataset import reader
 
     wf = copy_workflow(tmp_path_factory.mktemp("lab_wf"))
-    release = reader.synthesize(tmp_path_factory.mktemp("lab_data") / "lab15_release")
+    release = reader.synthesize(tmp_path_factory.mktemp("lab_data") / "lab15_release", frames=60)
     save_config(wf / "config.yaml", _lab_config(wf, release))
     result = smk(wf, "--cores", "2", "--quiet", "rules", env=_env(), check=False, timeout=900)
     if result.returncode != 0:
@@ -61,15 +60,14 @@ def lab_workflow(tmp_path_factory) -> Path:
     return wf
 
 
-def test_the_fourth_dataset_runs_end_to_end(lab_workflow: Path):
+def test_the_fourth_dataset_runs_end_to_end(lab_workflow: Path, capsys):
     wf = lab_workflow
     from finepose.data.table import read_metadata
 
     meta = read_metadata(wf / "results/data/processed/lab/frames.parquet")
     assert meta["dataset"] == "lab15" and meta["dataset_info"]["joint_set"]["name"] == "lab15"
     assert len(meta["dataset_info"]["joint_set"]["joint_names"]) == 15 and "coco17" in meta["dataset_info"]["mappings"]
-    cams = {(r["camera"]) for r in __import__("pyarrow.parquet", fromlist=["x"]).read_table(
-        wf / "results/data/processed/lab/cameras.parquet").to_pylist()}
+    cams = {r["camera"] for r in pq.read_table(wf / "results/data/processed/lab/cameras.parquet").to_pylist()}
     assert cams == {"cam_a", "cam_b", "cam_c"}
 
     # training: the data's joint count and the description's actions and prompt layout
@@ -115,22 +113,23 @@ def test_the_fourth_dataset_runs_end_to_end(lab_workflow: Path):
     keypoints = wf / "coco.npy"
     np.save(keypoints, reader.coco17_from(seq.keypoints_2d[:40]))
     out = wf / "lifted"
-    lifted = subprocess.run([sys.executable, "-m", "finepose", "lift",
-                             str(wf / "results/runs/lab/gt/finepose/s0/checkpoints/best.pt"), str(keypoints),
-                             "--image-size", "640", "480", "--out", str(out), "--format", "coco17",
-                             "--hypotheses", "2", "--steps", "2", "--device", "cpu"],
-                            cwd=wf, env=_env(), capture_output=True, text=True, timeout=600)
-    assert lifted.returncode == 0, lifted.stderr[-3000:]
+    best = str(wf / "results/runs/lab/gt/finepose/s0/checkpoints/best.pt")
+    from finepose import cli
+
+    code = cli.main(["lift", best, str(keypoints), "--image-size", "640", "480", "--out", str(out), "--format",
+                     "coco17", "--hypotheses", "2", "--steps", "2", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err[-3000:]
     poses = np.load(out / "poses3d.npy")
     assert poses.shape == (1, 40, 15, 3) and np.isfinite(poses).all()
     assert json.loads((out / "lift.json").read_text())["joint_set"] == "lab15"
     # H36M-17 input: the dataset declares no mapping from it, so lift refuses, naming it
     np.save(keypoints, np.zeros((40, 17, 2)) + 100.0)
-    refused = subprocess.run([sys.executable, "-m", "finepose", "lift",
-                              str(wf / "results/runs/lab/gt/finepose/s0/checkpoints/best.pt"), str(keypoints),
-                              "--image-size", "640", "480", "--out", str(wf / "lifted2"), "--format", "h36m17",
-                              "--device", "cpu"], cwd=wf, env=_env(), capture_output=True, text=True, timeout=600)
-    assert refused.returncode != 0 and "h36m17->lab15" in refused.stderr and "--format coco17" in refused.stderr
+    capsys.readouterr()
+    code = cli.main(["lift", best, str(keypoints), "--image-size", "640", "480", "--out", str(wf / "lifted2"),
+                     "--format", "h36m17", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no mapping h36m17->lab15" in err and "use --format coco17" in err, err
+    assert not (wf / "lifted2").exists()
 
 
 def test_reader_options_are_checked_against_the_readers_schema(tmp_path: Path):
