@@ -705,7 +705,8 @@ def build_all(spec: Mapping[str, Any], out: Path, figures: Path | None = None, b
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spec", required=True, type=Path,
                         help="table spec JSON (which summary.json belongs to which dataset/2D source/variant/seed)")
-    parser.add_argument("--out", required=True, type=Path, help="folder for table{1..6}.{md,csv,tex}, sources.csv")
+    parser.add_argument("--out", required=True, type=Path, help="folder for table{1..6}.{md,csv,tex}, results_<dataset>.{md,csv,tex}, tables.md, "
+                             "sources.csv")
     parser.add_argument("--figures", type=Path, default=None, help="folder for the PNG figures (default: none)")
 
 
