@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from finepose.data import table as fp_table
 from finepose.data.table import (
     CAMERAS_FILE, FRAMES_FILE, build_camera_table, build_frame_table, is_up_to_date, read_metadata, write_table,
 )
@@ -154,9 +155,13 @@ def prepare(raw_dir: Path, out_dir: Path, *, force: bool = False, cameras: list[
     used = sorted({(s, c) for s, c in zip(columns["subject"], columns["camera"])})
     camera_rows = [{"dataset": INFO.name, "subject": s, "camera": c, **calibration[c], "k": None, "p": None,
                     "model": "pinhole", "intrinsics_source": "calibration"} for s, c in used]
-    write_table(build_camera_table(camera_rows, {"dataset": INFO.name, "reader": __name__,
-                                                 "reader_version": READER_VERSION}), out_dir / CAMERAS_FILE)
-    write_table(frames_table, out_dir / FRAMES_FILE)
+    cameras_table = build_camera_table(camera_rows, {"dataset": INFO.name, "reader": __name__,
+                                                     "reader_version": READER_VERSION})
+    if hasattr(fp_table, "write_dataset"):      # finepose versions that commit both tables as one unit
+        fp_table.write_dataset(out_dir, frames_table, cameras_table, raw_dir=raw_dir)
+    else:                                       # cameras first: frames.parquet marks the folder complete
+        write_table(cameras_table, out_dir / CAMERAS_FILE)
+        write_table(frames_table, out_dir / FRAMES_FILE)
     return {"dataset": INFO.name, "up_to_date": False, "rows": rows, "files": len(files), "out": str(out_dir)}
 
 
