@@ -67,16 +67,16 @@ def dataset_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def check_options(module: Any, options: dict[str, Any], dataset: str) -> list[str]:
-    """Problems of ``options`` against the reader's OPTIONS_SCHEMA (none when it publishes no schema)."""
+def check_options(module: Any, options: dict[str, Any], dataset: str) -> list[tuple[str, str]]:
+    """(dotted option path, "" for the options themselves; problem) of ``options`` against the reader's
+    OPTIONS_SCHEMA (none when it publishes no schema)."""
     schema = getattr(module, "OPTIONS_SCHEMA", None)
     if not schema:
         return []
     from jsonschema import Draft202012Validator
 
     checked = {k: v for k, v in options.items() if k != "progress" or "progress" in schema.get("properties", {})}
-    return [f"{'.'.join(map(str, e.absolute_path)) or '(options)'}: {e.message}"
-            for e in Draft202012Validator(schema).iter_errors(checked)]
+    return [(".".join(map(str, e.absolute_path)), e.message) for e in Draft202012Validator(schema).iter_errors(checked)]
 
 
 def _accepted(function: Any, options: dict[str, Any], dataset: str) -> dict[str, Any]:
@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
     options = _accepted(module.prepare, dataset_options(args), args.dataset)
     problems = check_options(module, options, args.dataset)
     if problems:
-        raise FinePoseError(f"options of the {args.dataset} reader:\n  " + "\n  ".join(problems))
+        raise FinePoseError(f"options of the {args.dataset} reader:\n  "
+                            + "\n  ".join(f"{path or 'options'}: {message}" for path, message in problems))
     report = module.prepare(args.raw, args.out, force=args.force, **options)
     text = json.dumps(report, indent=2, sort_keys=True, default=str)
     if args.report:

@@ -134,8 +134,8 @@ def cross_check(cfg: dict) -> list[str]:
             problems.append(f"datasets.{name}.reader: {exc}")
             continue
         DESCRIPTIONS[name] = reader.INFO
-        for problem in check_options(reader, reader_options(info), info["reader"]):
-            problems.append(f"datasets.{name}.prepare.{problem}")
+        for path, message in check_options(reader, reader_options(info), info["reader"]):
+            problems.append(f"datasets.{name}.prepare{'.' + path if path else ''}: {message}")
     for i, exp in enumerate(cfg["experiments"]):
         at = f"experiments[{i}]"
         if exp["dataset"] not in datasets:
