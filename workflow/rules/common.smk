@@ -135,7 +135,8 @@ def cross_check(cfg: dict) -> list[str]:
             continue
         DESCRIPTIONS[name] = reader.INFO
         for path, message in check_options(reader, reader_options(info), info["reader"]):
-            problems.append(f"datasets.{name}.prepare{'.' + path if path else ''}: {message}")
+            where = ".".join(["prepare", path] if path else ["prepare"])
+            problems.append(f"datasets.{name}.{where}: {message}")
     for i, exp in enumerate(cfg["experiments"]):
         at = f"experiments[{i}]"
         if exp["dataset"] not in datasets:
