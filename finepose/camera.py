@@ -132,6 +132,42 @@ def project_pinhole(points: Any, f: Any, c: Any) -> Any:
     return project(points, f, c, clamp=False)
 
 
+# --- intrinsics from 2D/3D correspondences (datasets whose calibration may not match) -----
+
+def fit_intrinsics(points_3d: np.ndarray, points_2d: np.ndarray) -> dict[str, float]:
+    """Least-squares fx, fy, cx, cy with u = fx X/Z + cx, v = fy Y/Z + cy over all finite joints."""
+    xy = points_3d[..., :2] / points_3d[..., 2:3]
+    keep = np.isfinite(xy).all(-1) & np.isfinite(points_2d).all(-1) & (points_3d[..., 2] > 0)
+    if keep.sum() < 4:
+        raise ValueError("fewer than 4 usable joints to fit intrinsics from")
+    out = {}
+    for axis, (f, c) in enumerate((("fx", "cx"), ("fy", "cy"))):
+        design = np.stack([xy[..., axis][keep], np.ones(int(keep.sum()))], axis=1)
+        (scale, offset), *_ = np.linalg.lstsq(design, points_2d[..., axis][keep], rcond=None)
+        out[f], out[c] = float(scale), float(offset)
+    return out
+
+
+def reprojection_error(points_3d: np.ndarray, points_2d: np.ndarray, intrinsics: Mapping[str, float]) -> float:
+    """Mean pixel distance between the pinhole projection of the 3D and the given 2D over finite joints."""
+    f = np.array([intrinsics["fx"], intrinsics["fy"]], dtype=np.float64)
+    c = np.array([intrinsics["cx"], intrinsics["cy"]], dtype=np.float64)
+    error = np.linalg.norm(project_pinhole(np.asarray(points_3d, dtype=np.float64), f, c) - points_2d, axis=-1)
+    return float(np.nanmean(error)) if np.isfinite(error).any() else float("nan")
+
+
+def choose_intrinsics(points_3d: np.ndarray, points_2d: np.ndarray, calibrated: Mapping[str, float] | None,
+                      max_reprojection_px: float) -> tuple[dict[str, float], str, float, float | None]:
+    """Calibration when consistent with the 2D, else the fit: (intrinsics, source, error, calibration error)."""
+    calib_error = None
+    if calibrated is not None:
+        calib_error = reprojection_error(points_3d, points_2d, calibrated)
+        if calib_error <= max_reprojection_px:
+            return dict(calibrated), "calibration", calib_error, calib_error
+    fitted = fit_intrinsics(points_3d, points_2d)
+    return fitted, "fitted", reprojection_error(points_3d, points_2d, fitted), calib_error
+
+
 # --- Aria fisheye (EgoHumans) -------------------------------------------------------------
 # Aria's FisheyeRadTanThinPrism camera, 15 intrinsics in the *unrotated* sensor frame:
 # [f, c_u, c_v, k0..k5, p0, p1, s0..s3]. With (a, b) = (X/Z, Y/Z), r = |(a, b)|, theta = atan r:
@@ -267,6 +303,32 @@ def unproject_aria(pixels: Any, intrinsics: Any, res_w: Any, iterations: int = 2
     w = _param(res_w, pixels)
     ab = unproject_aria_raw(stack([pixels[..., 1], w - pixels[..., 0]], -1), intrinsics, iterations)
     return stack([-ab[..., 1], ab[..., 0]], -1)
+
+
+# cameras.parquet rows of model fisheye_aria: the upright image's fx=fy=f, cx = width - c_u,
+# cy = c_v, k = the 6 radial and p = the 6 tangential/thin-prism terms.
+
+def camera_row_intrinsics(intrinsics: np.ndarray, res_w: int) -> dict[str, Any]:
+    """15 Aria intrinsics (unrotated) -> the camera-table fields (the upright encoding of finepose/data/egohumans.py)."""
+    intr = [float(v) for v in intrinsics]
+    return {"fx": intr[0], "fy": intr[0], "cx": res_w - intr[2], "cy": intr[1], "k": intr[3:9], "p": intr[9:15]}
+
+
+def aria_intrinsics_from_row(row: Mapping[str, Any]) -> np.ndarray:
+    """Inverse of ``camera_row_intrinsics``: a cameras.parquet row -> the 15 unrotated Aria intrinsics."""
+    if row.get("fx") is None:
+        raise ValueError(f"camera {row.get('camera')} of {row.get('subject')} has no intrinsics "
+                         f"(intrinsics_source {row.get('intrinsics_source')!r})")
+    k, p = row.get("k"), row.get("p")
+    if k is None or p is None or len(k) != 6 or len(p) != 6:
+        raise ValueError(f"camera {row.get('camera')} of {row.get('subject')}: the fisheye_aria row lacks its 6 "
+                         "radial (k) and 6 tangential/thin-prism (p) terms")
+    return np.array([row["fx"], row["cy"], row["res_w"] - row["cx"], *row["k"], *row["p"]], dtype=np.float64)
+
+
+def project_fisheye_aria(points: np.ndarray, row: Mapping[str, Any]) -> np.ndarray:
+    """(..., 3) upright camera-frame points (as in the frame table) -> (..., 2) upright pixels, with a camera row."""
+    return project_aria(np.asarray(points, dtype=np.float64), aria_intrinsics_from_row(row), row["res_w"])
 
 
 def normalize_screen(pixels: Any, w: float, h: float) -> Any:

@@ -126,11 +126,9 @@ def _intrinsics_vector(info: Mapping[str, Any]) -> np.ndarray:
     """One cameras.parquet row -> the intrinsics array of finepose.aggregate: 9 values (pinhole:
     fx fy cx cy k1 k2 k3 p1 p2, zero distortion where unknown) or 16 (Aria fisheye: its 15
     sensor-frame intrinsics and the upright image width). ValueError when the row lacks them."""
-    from finepose.camera import intrinsics_from_row
+    from finepose.camera import aria_intrinsics_from_row, intrinsics_from_row
 
     if (info.get("model") or "pinhole") == "fisheye_aria":
-        from finepose.data.egohumans import aria_intrinsics_from_row
-
         return np.append(aria_intrinsics_from_row(info), float(info["res_w"]))
     cam = intrinsics_from_row(info)
     k = cam["k"] if cam["k"] is not None and len(cam["k"]) == 3 else np.zeros(3)
@@ -334,7 +332,7 @@ class Scorer:
         return rows
 
     def video_rows(self, oracle: Mapping[str, bool]) -> list[dict]:
-        """EgoHumans (Table 6): per-video means, per-activity means of video means, 'all' = mean of activities."""
+        """Multi-person videos (EgoHumans, Table 6): per-video means, per-activity means of video means, 'all' = mean of activities."""
         videos: dict[str, list] = defaultdict(list)
         for cell in self.cells:
             videos[video_key(self.source.sequences[cell[0]])].append(cell)
@@ -361,6 +359,29 @@ class Scorer:
 
         columns = {name: np.concatenate([r[name] for r in self.frame_rows]) for name in self.frame_rows[0]}
         return pa.table({name: pa.array(values) for name, values in columns.items()})
+
+
+ACTION_SUBJECT_SEPARATOR = " | "
+
+
+def result_groupings(info, sequences: Seq[Mapping[str, Any]]) -> list[tuple[str, Any]]:
+    """(group, key_of(cell)) for the frame-pooled groupings the dataset reports, in its order.
+
+    A cell is (sequence index, frame action): ``action``/``activity`` key on the frame's
+    action, ``subject`` and ``sequence`` on the sequence, ``action_subject`` on both
+    (key "action | subject"). ``video`` is reported by ``Scorer.video_rows``.
+    """
+    out = []
+    for group in info.groupings:
+        if group in ("action", "activity"):
+            out.append((group, lambda c: c[1]))
+        elif group == "subject":
+            out.append((group, lambda c: sequences[c[0]]["subject"]))
+        elif group == "sequence":
+            out.append((group, lambda c: sequence_key(sequences[c[0]])))
+        elif group == "action_subject":
+            out.append((group, lambda c: f"{c[1]}{ACTION_SUBJECT_SEPARATOR}{sequences[c[0]]['subject']}"))
+    return out
 
 
 def frame_actions_of(data_dir: Path, source: ClipSource) -> list[np.ndarray]:
@@ -559,7 +580,10 @@ def evaluate(checkpoint: Path, out_dir: Path, *, data_dir: str | Path | None = N
         sequences = [s for s in sequences if s.valid.any()]
         if not sequences:
             raise FinePoseError(f"{data_dir}: no sequence has a valid frame for 2D source {source_2d!r}")
-    actions = list(meta.get("actions") or sorted({s.action for s in sequences}))
+    from finepose.datasets import describe
+
+    info = describe(meta)            # what the dataset is (and its joint set made known)
+    actions = list(meta.get("actions") or info.actions or sorted({s.action for s in sequences}))
     source = ClipSource.from_sequences(sequences, meta["joint_set"], actions=actions)
     frames = int(ckpt.get("frames") or ckpt["model_config"]["frames"])
     windows = evaluation_windows(source, frames)
@@ -573,9 +597,8 @@ def evaluate(checkpoint: Path, out_dir: Path, *, data_dir: str | Path | None = N
     persons_per_video = defaultdict(set)
     for m in source.sequences:
         persons_per_video[video_key(m)].add(m["person"])
-    multi = dataset == "egohumans" or any(len(p) > 1 for p in persons_per_video.values())
-    is_3dhp = meta["joint_set"] == "mpi_inf_3dhp17"
-    scorer = Scorer(source, windows, modes, steps, frame_actions_of(data_dir, source), pck=is_3dhp,
+    multi = info.multi_person or any(len(p) > 1 for p in persons_per_video.values())
+    scorer = Scorer(source, windows, modes, steps, frame_actions_of(data_dir, source), pck="pck_auc" in info.metrics,
                     keep_final=multi)
     log.info("evaluating %s on %s %s (%s 2D): %d sequences, %d frames, %d windows of %d; H=%d M=%d flip=%s",
              checkpoint, dataset, split, source_2d, source.num_sequences, source.num_frames, len(windows), frames,
@@ -593,16 +616,14 @@ def evaluate(checkpoint: Path, out_dir: Path, *, data_dir: str | Path | None = N
     if multi:
         rows += scorer.video_rows(oracle)
     else:
-        seq_meta = source.sequences
         rows += scorer.pooled_rows("all", lambda c: "all", oracle)
-        rows += scorer.pooled_rows("activity" if is_3dhp else "action", lambda c: c[1], oracle)
-        if not is_3dhp:
-            rows += scorer.pooled_rows("subject", lambda c: seq_meta[c[0]]["subject"], oracle)
-        rows += scorer.pooled_rows("sequence", lambda c: sequence_key(seq_meta[c[0]]), oracle)
+        for group, key_of in result_groupings(info, source.sequences):
+            rows += scorer.pooled_rows(group, key_of, oracle)
 
     provenance = {
         "checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint),
         "variant": ckpt.get("variant"), "dataset": dataset, "joint_set": meta["joint_set"], "source_2d": source_2d,
+        "dataset_info": info.to_dict(),
         "hypotheses": hypotheses, "steps": steps, "eta": eta, "flip": flip, "seed": seed,
         "clip_weights": getattr(model, "clip_weights", ckpt.get("clip_weights")),
         "demo": bool(run_cfg.get("demo", False) or meta.get("demo", False)),

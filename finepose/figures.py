@@ -1,12 +1,16 @@
 """Figures beside the tables (PNG, matplotlib with the Agg backend; called by the `tables` verb).
 
-- ``action_mpjpe.png``: Human3.6M MPJPE per action, ours (compare mode and GT-free mode) against the paper.
+- ``action_mpjpe.png``: MPJPE per action of Table 2's dataset, ours (compare mode and GT-free
+  mode) against the paper (only when Table 2 is built).
 - ``steps_<dataset>.png``: MPJPE after each DDIM step, one line per aggregation mode (oracle modes dashed).
 - ``skeleton_<dataset>.png``: one predicted 3D pose over the ground truth, from the poses an
   evaluation saved beside its summary.json (``poses.npz``, or the multi-human
   ``multihuman.npz``; see :func:`find_pose_example`), else one test window predicted with
   the evaluated checkpoint and the evaluation's settings (:func:`sample_pose_example`).
 
+Every dataset with an evaluated run gets its step curves and skeleton, from its FinePOSE run
+when there is one, else from its first evaluated variant. The dataset's description (in the
+summary's provenance) gives its name, joint set and how its headline number is averaged.
 Every figure says in its title whether it shows the demo (synthetic data, tiny model).
 """
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from finepose.io import atomic_path
+from finepose.results import group_values, headline_value, short_label
+from finepose.results import MODE_LABELS as SHORT_MODE_LABELS
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +84,6 @@ def action_bars(actions: Sequence[str], paper: Sequence[float | None], ours: Seq
 def step_curves(summary: Mapping[str, Any], title: str, path: Path, metric: str = "mpjpe",
                 average: str = "frames") -> Path | None:
     """MPJPE after DDIM step 1..M, one line per aggregation mode; None when the summary has no such rows."""
-    from finepose.tables import headline_value
-
     plt = _pyplot()
     modes = {r["mode"] for r in summary["results"]}
     steps = sorted({int(r["step"]) for r in summary["results"]})
@@ -109,41 +113,64 @@ def step_curves(summary: Mapping[str, Any], title: str, path: Path, metric: str 
 
 # --------------------------------------------------------------------------- skeletons
 
-def skeleton_figure(pred: np.ndarray, gt: np.ndarray, parents: Sequence[int], right: Sequence[int],
-                    title: str, path: Path) -> Path:
-    """One pose: prediction (blue left / orange right, as the paper's Fig. 3) over the ground truth (grey).
+SIDE_COLOURS = {"left": "tab:blue", "right": "tab:orange", "centre": "tab:purple"}
 
-    ``pred``, ``gt``: (joints, 3) in metres, root-relative, camera frame (x right, y down, z forward);
-    drawn with y up and z into the page.
+
+def skeleton_figure(pred: np.ndarray, gt: np.ndarray, parents: Sequence[int], right: Sequence[int],
+                    title: str, path: Path, left: Sequence[int] | None = None) -> Path:
+    """One pose: the prediction over the ground truth (thick grey).
+
+    The prediction's bones are coloured by the side of the body they belong to, as the
+    paper's Fig. 3: the subject's own left (blue), right (orange), and the centre line
+    (spine, neck, head: purple). A bone takes its child joint's side; ``left`` defaults to
+    every joint not in ``right`` that is not a centre joint (then left and centre share blue).
+    ``pred``, ``gt``: (joints, 3) in metres, root-relative, camera frame (x right, y down,
+    z forward); drawn with y up and z into the page.
     """
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
-    fig = plt.figure(figsize=(5, 5))
+    fig = plt.figure(figsize=(5.6, 5.6))
     ax = fig.add_subplot(projection="3d")
     right_set = set(int(j) for j in right)
+    left_set = set(int(j) for j in left) if left is not None else None
 
-    def draw(pose: np.ndarray, colour_of, lw: float, label: str) -> None:
-        first = True
+    def side(j: int) -> str:
+        if j in right_set:
+            return "right"
+        if left_set is None or j in left_set:
+            return "left"
+        return "centre"
+
+    def draw(pose: np.ndarray, colour_of, lw: float) -> None:
         for j, parent in enumerate(parents):
             if parent < 0:
                 continue
-            xs, ys, zs = ([pose[j, 0], pose[parent, 0]], [pose[j, 2], pose[parent, 2]],
-                          [-pose[j, 1], -pose[parent, 1]])
-            ax.plot(xs, ys, zs, color=colour_of(j), lw=lw, label=label if first else None)
-            first = False
+            ax.plot([pose[j, 0], pose[parent, 0]], [pose[j, 2], pose[parent, 2]], [-pose[j, 1], -pose[parent, 1]],
+                    color=colour_of(j), lw=lw)
 
-    draw(gt, lambda j: "0.6", 4.0, "ground truth")
-    draw(pred, lambda j: "tab:orange" if j in right_set else "tab:blue", 2.0, "prediction")
+    draw(gt, lambda j: "0.6", 4.0)
+    draw(pred, lambda j: SIDE_COLOURS[side(j)], 2.0)
+    sides = sorted({side(j) for j, p in enumerate(parents) if p >= 0}, key=list(SIDE_COLOURS).index)
+    handles = [Line2D([], [], color="0.6", lw=4.0, label="ground truth")]
+    handles += [Line2D([], [], color=SIDE_COLOURS[name], lw=2.0,
+                       label=f"prediction, subject's {name}" if name != "centre" else "prediction, centre line")
+                for name in sides]
     both = np.concatenate([pred, gt])
     centre, radius = both.mean(axis=0), max(float(np.abs(both - both.mean(axis=0)).max()), 0.1)
     ax.set_xlim(centre[0] - radius, centre[0] + radius)
     ax.set_ylim(centre[2] - radius, centre[2] + radius)
     ax.set_zlim(-centre[1] - radius, -centre[1] + radius)
-    ax.set_xlabel("x (m)")
-    ax.set_ylabel("z (m)")
-    ax.set_zlabel("-y (m)")
+    for axis in (ax.xaxis, ax.yaxis, ax.zaxis):
+        axis.set_major_locator(MaxNLocator(4))
+    ax.tick_params(labelsize=6, pad=1)
+    ax.set_xlabel("x (m)", fontsize=7, labelpad=2)
+    ax.set_ylabel("z (m)", fontsize=7, labelpad=2)
+    ax.set_zlabel("-y (m)", fontsize=7, labelpad=2)
     ax.view_init(elev=15, azim=-70)
     ax.set_title(title, fontsize=8)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(handles=handles, fontsize=7, loc="upper left")
     return _save(fig, path)
 
 
@@ -260,18 +287,36 @@ def sample_pose_example(summary: Mapping[str, Any], base: Path, mode: str) -> di
 
 # --------------------------------------------------------------------------- all figures
 
+def _description(run: Any) -> Any:
+    """The dataset description a run's summary carries (None for summaries from before descriptions)."""
+    from finepose.datasets import DatasetInfo
+
+    data = run.provenance.get("dataset_info")
+    return DatasetInfo.from_dict(data) if data else None
+
+
+def figure_runs(runs: Sequence[Any]) -> dict[str, Any]:
+    """Per dataset, the run its figures show: FinePOSE if evaluated, else the first evaluated variant;
+    ground-truth 2D before detections, then the lowest seed."""
+    chosen: dict[str, Any] = {}
+    for run in sorted((r for r in runs if r.summary is not None),
+                      key=lambda r: (r.dataset, r.variant != "finepose", r.source_2d != "gt", r.seed)):
+        chosen.setdefault(run.dataset, run)
+    return chosen
+
+
 def make_figures(spec: Mapping[str, Any], runs: Sequence[Any], tables: Sequence[Any],
                  paper: Mapping[str, Any], out: Path, base: Path = Path(".")) -> list[Path]:
-    """Every figure the spec's data allows; returns the PNG files written."""
-    from finepose.tables import ACTION_SHORT, H36M_ACTIONS, MODE_LABELS as TABLE_MODES, group_values
-
+    """Every figure the spec's data allows; returns the PNG files written (``out`` always exists)."""
+    out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     compare = spec.get("compare_mode", "j_best")
     free = spec.get("gt_free_mode", "j_agg")
     tables_spec = spec.get("tables", {})
+    labels = {name: info.get("label", name) for name, info in spec.get("datasets", {}).items()}
 
-    # per-action bars (Table 2's data)
-    t2 = tables_spec.get("table2")
+    # per-action bars (Table 2's data), only when Table 2 is built
+    t2 = tables_spec.get("table2") if "table2" in spec.get("build", []) else None
     if t2:
         t2_runs = [r for r in runs if r.dataset == t2["dataset"] and r.source_2d == t2["source_2d"]
                    and r.variant == "finepose" and r.summary is not None]
@@ -282,22 +327,22 @@ def make_figures(spec: Mapping[str, Any], runs: Sequence[Any], tables: Sequence[
             return sum(values) / len(values) if values else None
 
         paper_actions = paper["table2"]["finepose"]
+        actions = [a for a in paper_actions if a != "avg"]
         written.append(action_bars(
-            [ACTION_SHORT[a] for a in H36M_ACTIONS], [paper_actions.get(a) for a in H36M_ACTIONS],
-            [mean_over_seeds(compare, a) for a in H36M_ACTIONS], [mean_over_seeds(free, a) for a in H36M_ACTIONS],
-            (f"paper ({TABLE_MODES.get(compare, compare)})", f"ours ({TABLE_MODES.get(compare, compare)})",
-             f"ours ({TABLE_MODES.get(free, free)})"),
-            _title(spec, f"Human3.6M MPJPE per action, 2D source {t2['source_2d']}"), out / "action_mpjpe.png"))
+            [short_label(a) for a in actions], [paper_actions.get(a) for a in actions],
+            [mean_over_seeds(compare, a) for a in actions], [mean_over_seeds(free, a) for a in actions],
+            (f"paper ({SHORT_MODE_LABELS.get(compare, compare)})", f"ours ({SHORT_MODE_LABELS.get(compare, compare)})",
+             f"ours ({SHORT_MODE_LABELS.get(free, free)})"),
+            _title(spec, f"{labels.get(t2['dataset'], t2['dataset'])} MPJPE per action, 2D source "
+                         f"{t2['source_2d']}"), out / "action_mpjpe.png"))
 
-    # per-step curves and a skeleton per dataset: the first finepose run (lowest seed) of each dataset
-    firsts: dict[str, Any] = {}
-    for run in sorted(runs, key=lambda r: (r.dataset, r.source_2d != "gt", r.seed)):
-        if run.variant == "finepose" and run.summary is not None:
-            firsts.setdefault(run.dataset, run)
-    for dataset, run in sorted(firsts.items()):
-        average = "actions" if any(r.get("group") == "action" for r in run.summary["results"]) \
-            and dataset.startswith("h36m") else "frames"
-        path = step_curves(run.summary, _title(spec, f"{dataset}, 2D {run.source_2d}: MPJPE per DDIM step"),
+    # per-step curves and a skeleton per dataset
+    for dataset, run in sorted(figure_runs(runs).items()):
+        info = _description(run)
+        name = labels.get(dataset) or (info.label if info else dataset)
+        average = info.headline_average if info else "frames"
+        variant = "" if run.variant == "finepose" else f", variant {run.variant}"
+        path = step_curves(run.summary, _title(spec, f"{name}, 2D {run.source_2d}{variant}: MPJPE per DDIM step"),
                            out / f"steps_{dataset}.png", average=average)
         if path is not None:
             written.append(path)
@@ -307,29 +352,26 @@ def make_figures(spec: Mapping[str, Any], runs: Sequence[Any], tables: Sequence[
             log.warning("%s: no %s or %s beside %s and no checkpoint to sample from; no skeleton figure",
                         dataset, POSES_FILE, MULTIHUMAN_FILE, summary_path)
             continue
-        joint_set = example.get("joint_set") or run.provenance.get("joint_set")
-        parents, right, root = _skeleton_of(joint_set, example["gt"].shape[0])
+        joints = _joint_set_of(example.get("joint_set") or run.provenance.get("joint_set"), info,
+                               example["gt"].shape[0])
+        root = joints.root_joints()
         example["pred"], example["gt"] = _centred(example["pred"], root), _centred(example["gt"], root)
-        what = (f"{dataset}, 2D {run.source_2d}, {example.get('mode', compare)}: prediction vs ground truth "
+        mode = example.get("mode", compare)
+        what = (f"{name}, 2D {run.source_2d}{variant}, {MODE_LABELS.get(mode, mode)}: prediction vs ground truth "
                 f"({example['error_mm']:.1f} mm{', ' + example['label'] if 'label' in example else ''})")
-        written.append(skeleton_figure(example["pred"], example["gt"], parents, right, _title(spec, what),
-                                       out / f"skeleton_{dataset}.png"))
+        written.append(skeleton_figure(example["pred"], example["gt"], list(joints.parents), list(joints.right),
+                                       _title(spec, what), out / f"skeleton_{dataset}.png", left=list(joints.left)))
     return written
 
 
-def _skeleton_of(joint_set: str | None, num_joints: int) -> tuple[list[int], list[int], list[int]]:
-    """Parents, right-side joints and root joints (all hips when the set has no root joint)."""
-    from finepose.skeleton import get_joint_set
+def _joint_set_of(name: str | None, info: Any, num_joints: int):
+    """The joint set of saved poses (the description's own set is known once it is read)."""
+    from finepose.datasets import joint_set_of
 
-    name = joint_set or "h36m17"
-    joints = get_joint_set(name)
+    joints = joint_set_of(name, info)
     if joints.num_joints != num_joints:
-        raise ValueError(f"joint set {name} has {joints.num_joints} joints, the saved poses have {num_joints}")
-    if joints.root is not None:
-        root = [int(joints.root)]
-    else:   # e.g. COCO-17: the root is the hip midpoint
-        root = [i for i, n in enumerate(joints.joint_names) if "hip" in n] or list(range(num_joints))
-    return list(joints.parents), list(joints.right), root
+        raise ValueError(f"joint set {joints.name} has {joints.num_joints} joints, the saved poses have {num_joints}")
+    return joints
 
 
 def _centred(pose: np.ndarray, root: Sequence[int]) -> np.ndarray:

@@ -39,10 +39,41 @@ from typing import Any, Sequence as Seq
 import numpy as np
 
 from finepose.io import FinePoseError, atomic_write_json, sha256_file
+from finepose.skeleton import STANDARD_INPUTS, JointSet
 
 log = logging.getLogger("finepose.lift")
 
-INPUT_FORMATS = ("coco17", "h36m17")
+INPUT_FORMATS = STANDARD_INPUTS        # the joint orders users bring (finepose.skeleton)
+
+
+def model_joint_set(ckpt: dict[str, Any]) -> JointSet:
+    """The joint set the model predicts, from the checkpoint (its dataset description first)."""
+    from finepose.datasets import info_of_checkpoint, joint_set_of
+
+    info = info_of_checkpoint(ckpt)
+    name = ckpt.get("joint_set")
+    if name is None and info is None:
+        raise FinePoseError("the checkpoint records no joint set (joint_set / dataset_info); retrain it with this "
+                            "finepose, or import it with `python -m finepose import-official`")
+    try:
+        return joint_set_of(name, info)
+    except ValueError as exc:
+        raise FinePoseError(f"the checkpoint's joint set is unknown here ({exc})") from exc
+
+
+def check_input_format(input_format: str, joint_set: JointSet) -> None:
+    """Refuse input the model's joint set declares no mapping from, naming the missing mapping."""
+    from finepose.skeleton import CONVERSIONS
+
+    if input_format == joint_set.name or (input_format, joint_set.name) in CONVERSIONS:
+        return
+    usable = [f for f in INPUT_FORMATS if f == joint_set.name or (f, joint_set.name) in CONVERSIONS]
+    raise FinePoseError(
+        f"--format {input_format}: the model predicts joint set {joint_set.name}, and no mapping "
+        f"{input_format}->{joint_set.name} is declared (its dataset description's `mappings`); "
+        + (f"use --format {' or '.join(usable)}" if usable else
+           f"this model cannot lift {' or '.join(INPUT_FORMATS)} input until its dataset declares a mapping "
+           "(README: Adding a dataset)"))
 
 
 @dataclass
@@ -286,10 +317,11 @@ def lift_tracks(model, diffusion, ckpt: dict[str, Any], tracks: list[Track], *, 
     from finepose.data.table import Sequence
     from finepose.data.windows import ClipSource, evaluation_windows
     from finepose.evaluate import Progress, aggregate_window_batch, intrinsics_table, predict_windows
-    from finepose.skeleton import convert, get_joint_set
+    from finepose.skeleton import convert
 
-    joint_set = ckpt.get("joint_set") or "h36m17"
-    js = get_joint_set(joint_set)
+    js = model_joint_set(ckpt)
+    joint_set = js.name
+    check_input_format(input_format, js)
     frames_per_window = int(ckpt.get("frames") or ckpt["model_config"]["frames"])
     vocab = list(ckpt.get("actions") or ckpt["model_config"].get("actions") or [])
     if action is None:
@@ -365,7 +397,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              f"{', '.join(H36M_ACTIONS)}; a name outside the list is read by its first word "
                              "('Directions 1' -> Directions). Default: the list's first action. Models without "
                              "action text (MPI-INF-3DHP) ignore it")
-    parser.add_argument("--format", choices=INPUT_FORMATS, default="coco17", help="joint order of the input")
+    parser.add_argument("--format", choices=INPUT_FORMATS, default=INPUT_FORMATS[0], help="joint order of the input")
     parser.add_argument("--conf-threshold", type=float, default=0.3,
                         help="joints scored below this are interpolated in time (default 0.3)")
     parser.add_argument("--hypotheses", "-H", type=int, default=None, help="H (default: the run config's eval)")
@@ -393,7 +425,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def lift(checkpoint: Path, keypoints: Path, out_dir: Path, *, image_size: tuple[int, int],
-         intrinsics: Seq[float] | None = None, action: str | None = None, input_format: str = "coco17",
+         intrinsics: Seq[float] | None = None, action: str | None = None, input_format: str = INPUT_FORMATS[0],
          conf_threshold: float = 0.3, hypotheses: int | None = None, steps: int | None = None, mode: str = "auto",
          flip: bool = True, seed: int = 0, batch_size: int = 8, device: str = "auto",
          render: Path | None = None) -> dict[str, Any]:
@@ -423,6 +455,7 @@ def lift(checkpoint: Path, keypoints: Path, out_dir: Path, *, image_size: tuple[
     if mode in ("p_agg", "j_agg") and intrinsics is None:
         raise FinePoseError(f"--mode {mode} reprojects the hypotheses and needs --intrinsics FX FY CX CY; "
                             "without them use --mode mean")
+    check_input_format(input_format, model_joint_set(ckpt))
     src_names = get_joint_set(input_format).joint_names
     tracks = read_keypoints(Path(keypoints), joints=len(src_names), joint_names=list(src_names))
     if not tracks:
@@ -472,7 +505,7 @@ def lift(checkpoint: Path, keypoints: Path, out_dir: Path, *, image_size: tuple[
             rows["frame"].append(int(f[i]))
             rows["keypoints_3d"].append(poses[i].reshape(-1).tolist())
             rows["root_3d"].append(root[i].tolist() if root is not None else None)
-    joint_set = ckpt.get("joint_set") or "h36m17"
+    joint_set = model_joint_set(ckpt).name
     table = pa.table({"track": pa.array(rows["track"], pa.string()), "frame": pa.array(rows["frame"], pa.int64()),
                       "keypoints_3d": pa.array(rows["keypoints_3d"], pa.list_(pa.float32())),
                       "root_3d": pa.array(rows["root_3d"], pa.list_(pa.float64()))})
@@ -491,7 +524,7 @@ def lift(checkpoint: Path, keypoints: Path, out_dir: Path, *, image_size: tuple[
         k: report[k] for k in ("checkpoint_sha256", "mode", "hypotheses", "steps")}}).encode()})
     write_table(table, out_dir / "poses3d.parquet")
     if render is not None:
-        render_animation(Path(render), tracks, lifted, get_joint_set(joint_set), input_format, image_size)
+        render_animation(Path(render), tracks, lifted, model_joint_set(ckpt), input_format, image_size)
         report["render"] = str(render)
     atomic_write_json(out_dir / "lift.json", report)
     return report

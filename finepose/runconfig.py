@@ -45,7 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "name": None,                 # run name (free text; defaults to the config file's stem)
     "variant": "finepose",        # a key of finepose.model.VARIANTS
     "seed": 0,
-    "dataset": "h36m",            # must match the frame table's metadata
+    "dataset": None,              # the frame table's dataset name (checked against it); None: whatever it holds
     "demo": False,                # trained on synthetic demo data (recorded in provenance)
     "data": {
         "dir": None,              # folder with frames.parquet + cameras.parquet
@@ -150,7 +150,8 @@ def _validate(cfg: dict[str, Any], source: str) -> None:
     _need(cfg["name"] is None or isinstance(cfg["name"], str), source, "name", "a string", cfg["name"])
     _need(isinstance(cfg["variant"], str), source, "variant", "a string", cfg["variant"])
     _need(_is_int(cfg["seed"]) and cfg["seed"] >= 0, source, "seed", "an integer >= 0", cfg["seed"])
-    _need(isinstance(cfg["dataset"], str) and cfg["dataset"], source, "dataset", "a dataset name", cfg["dataset"])
+    _need(cfg["dataset"] is None or (isinstance(cfg["dataset"], str) and cfg["dataset"]), source, "dataset",
+          "null or a dataset name", cfg["dataset"])
     _need(isinstance(cfg["demo"], bool), source, "demo", "true or false", cfg["demo"])
 
     d = cfg["data"]

@@ -14,6 +14,12 @@ Every keypoint array in finepose carries joints in the order of one named
 
 ``convert(keypoints, src, dst)`` maps arrays between sets where a standard
 mapping exists; see ``CONVERSIONS`` and the notes in ``convert``.
+
+The registry is open: a dataset declares its own joint set (and, where one exists,
+its mapping from ``coco17`` or ``h36m17``) in its description
+(``finepose.datasets.DatasetInfo``), which calls :func:`register_joint_set`. The
+definition travels with the prepared data and the checkpoint (:meth:`JointSet.to_dict`),
+so a later process knows the set without importing the reader.
 """
 from __future__ import annotations
 
@@ -67,6 +73,27 @@ class JointSet:
     def bones(self) -> list[tuple[int, int]]:
         """(parent, child) pairs of the kinematic tree."""
         return [(p, j) for j, p in enumerate(self.parents) if p >= 0]
+
+    def root_joints(self) -> list[int]:
+        """The joints whose mean is the root: ``root``, else the hips (e.g. COCO-17), else every joint."""
+        if self.root is not None:
+            return [int(self.root)]
+        return [i for i, n in enumerate(self.joint_names) if "hip" in n.lower()] or list(range(self.num_joints))
+
+    def to_dict(self) -> dict:
+        """A JSON-able definition (what the frame table's metadata and checkpoints carry)."""
+        return {"name": self.name, "joint_names": list(self.joint_names), "parents": list(self.parents),
+                "left": list(self.left), "right": list(self.right), "root": self.root}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "JointSet":
+        try:
+            return cls(name=str(data["name"]), joint_names=tuple(str(n) for n in data["joint_names"]),
+                       parents=tuple(int(p) for p in data["parents"]), left=tuple(int(i) for i in data["left"]),
+                       right=tuple(int(i) for i in data["right"]),
+                       root=None if data.get("root") is None else int(data["root"]))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a joint set definition ({exc}): {data!r:.200}") from None
 
 
 # --- Human3.6M, 32 joints (names after the dataset's metadata; "site" = end effector) ---
@@ -158,16 +185,67 @@ COCO17 = JointSet(
     root=None,
 )
 
+# The 2D inputs `lift` accepts from users (a dataset's description maps them to its own set).
+STANDARD_INPUTS = ("coco17", "h36m17")
+
 JOINT_SETS: dict[str, JointSet] = {js.name: js for js in (H36M32, H36M17, MPI_INF_3DHP28, MPI_INF_3DHP17,
                                                            MPII16, COCO17)}
 
 
 def get_joint_set(name: str) -> JointSet:
-    """The joint set called ``name`` (one of ``JOINT_SETS``)."""
+    """The joint set called ``name`` (built in, or registered by a dataset description)."""
     try:
         return JOINT_SETS[name]
     except KeyError:
-        raise ValueError(f"unknown joint set {name!r}; known: {', '.join(JOINT_SETS)}") from None
+        raise ValueError(f"unknown joint set {name!r}; known: {', '.join(JOINT_SETS)} (a dataset's own set is "
+                         "known once its description is read: finepose.datasets.describe)") from None
+
+
+def register_joint_set(joint_set: JointSet,
+                       conversions: dict[str, list[dict[int, float]]] | None = None) -> JointSet:
+    """Make ``joint_set`` (and conversions *into* it, keyed by source set) known to ``get_joint_set``/``convert``.
+
+    Registering the same definition again is a no-op; a different definition under a
+    known name is an error (two datasets may not disagree about what a joint set is).
+    """
+    known = JOINT_SETS.get(joint_set.name)
+    if known is not None and known.to_dict() != joint_set.to_dict():
+        raise ValueError(f"joint set {joint_set.name!r} is already defined differently; give the new set "
+                         "its own name")
+    JOINT_SETS.setdefault(joint_set.name, joint_set)
+    for src, weights in (conversions or {}).items():
+        source = get_joint_set(src)
+        weights = [{int(i): float(w) for i, w in dict(m).items()} for m in weights]
+        if len(weights) != joint_set.num_joints:
+            raise ValueError(f"conversion {src}->{joint_set.name}: {len(weights)} target joints, "
+                             f"expected {joint_set.num_joints}")
+        if any(not m or any(not 0 <= i < source.num_joints for i in m) for m in weights):
+            raise ValueError(f"conversion {src}->{joint_set.name}: a target joint has no source, or a "
+                             f"source index is outside {src}'s {source.num_joints} joints")
+        old = CONVERSIONS.get((src, joint_set.name))
+        if old is not None and old != weights:
+            raise ValueError(f"conversion {src}->{joint_set.name} is already defined differently")
+        CONVERSIONS[(src, joint_set.name)] = weights
+    return JOINT_SETS[joint_set.name]
+
+
+def conversions_into(name: str) -> dict[str, list[dict[int, float]]]:
+    """{source set: weights} of every known conversion into joint set ``name``."""
+    return {src: weights for (src, dst), weights in CONVERSIONS.items() if dst == name}
+
+
+def mapping_by_name(source: str, target: JointSet, mapping: "list[dict[str, float]] | tuple") -> list[dict[int, float]]:
+    """Per target joint, {source joint name: weight} -> the index form ``register_joint_set`` takes."""
+    src = get_joint_set(source)
+    out = []
+    for j, entry in enumerate(mapping):
+        entry = {entry: 1.0} if isinstance(entry, str) else dict(entry)
+        try:
+            out.append({src.index(n): float(w) for n, w in entry.items()})
+        except ValueError:
+            raise ValueError(f"mapping {source}->{target.name}, joint {target.joint_names[j]}: "
+                             f"{sorted(entry)} are not all {source} joint names") from None
+    return out
 
 
 # --- Conversions ------------------------------------------------------------------------

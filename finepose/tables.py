@@ -9,6 +9,8 @@ each table is about::
      "compare_mode": "j_best", "gt_free_mode": "j_agg",
      "build": ["table1", "table2", ...],
      "detected_labels": {"h36m": "SH (Stacked Hourglass)"},
+     "datasets": {"h36m": {"label": "Human3.6M", "headline_average": "actions"}, ...},
+     "results": ["h36m", ...],
      "variants": {"finepose": {"label": "FinePOSE", "tables": [4, 5],
                                "prompt": "fine", "add_pooled": true, "fpc": true, "pts": true}, ...},
      "tables": {"table1": {"dataset": "h36m", "detected": "sh", "gt": "gt"},
@@ -28,6 +30,10 @@ with a dagger), so ours are shown in the same mode, with the GT-free J-Agg
 beside them. Outputs in ``--out``: ``table1.md`` ... ``table6.md`` with their
 ``.csv`` and ``.tex``, ``tables.md`` (all of them) and ``sources.csv`` (the
 summary.json behind every row, with seed, H, M, checkpoint hash and CLIP weights).
+``results_<dataset>.{md,csv,tex}`` is the generic table of every dataset in ``results``
+(default: every dataset with runs): each variant and 2D source, overall and per group
+the dataset's description reports by (action, subject, action x subject, ...); ``build``
+(default: the paper tables whose dataset has runs) names the paper's tables.
 Figures (``--figures``): per-action MPJPE bars, MPJPE per DDIM step per
 aggregation mode, and a skeleton (prediction vs ground truth) per dataset.
 """
@@ -45,6 +51,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from finepose.io import FinePoseError, atomic_write_text
+from finepose.results import (  # noqa: F401  (re-exported: the tables' public helpers)
+    KNOWN_ORACLE_MODES, MODE_LABELS, SUMMARY_NAME, Run, group_values, headline_value, load_runs, oracle_flag,
+    read_summary, result_rows, short_label,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +62,12 @@ NOT_RUN = "not run"
 PAPER_NONE = "/"            # the paper prints "/" where it gives no number
 NO_DELTA = "–"
 TABLE_NAMES = tuple(f"table{i}" for i in range(1, 7))
-H36M_ACTIONS = ("Directions", "Discussion", "Eating", "Greeting", "Phoning", "Photo", "Posing", "Purchases",
-                "Sitting", "SittingDown", "Smoking", "Waiting", "WalkDog", "Walking", "WalkTogether")
-ACTION_SHORT = {"Directions": "Dir.", "Discussion": "Disc.", "Eating": "Eat", "Greeting": "Greet",
-                "Phoning": "Phone", "Photo": "Photo", "Posing": "Pose", "Purchases": "Pur.", "Sitting": "Sit",
-                "SittingDown": "SitD.", "Smoking": "Smoke", "Waiting": "Wait", "WalkDog": "WalkD.",
-                "Walking": "Walk", "WalkTogether": "WalkT."}
-EGO_ACTIVITIES = ("tagging", "legoassemble", "fencing")
-EGO_SHORT = {"tagging": "Tag.", "legoassemble": "Lego", "fencing": "Fenc."}
-MODE_LABELS = {"j_best": "J-Best", "p_best": "P-Best", "j_agg": "J-Agg", "p_agg": "P-Agg", "mean": "Mean"}
-KNOWN_ORACLE_MODES = {"j_best", "p_best"}
+RESULTS_PREFIX = "results_"     # the generic table of a dataset: results_<dataset>
+GROUP_LABELS = {"all": "all", "action": "action", "activity": "activity", "subject": "subject",
+                "action_subject": "action × subject", "video": "video", "sequence": "sequence"}
+GENERIC_SKIPPED_GROUPS = ("sequence",)   # one row per recording: in summary.json, too long for a table
 DAGGER = "†"
 METRIC_LABELS = {"mpjpe": "MPJPE↓", "p_mpjpe": "P-MPJPE↓", "pck": "PCK↑", "auc": "AUC↑"}
-SUMMARY_NAME = "summary.json"
 
 
 # --------------------------------------------------------------------------- inputs
@@ -83,111 +86,6 @@ def load_paper_results(path: str | Path | None = None) -> dict[str, Any]:
     if missing:
         raise FinePoseError(f"{where}: missing {', '.join(missing)}")
     return data
-
-
-@dataclass
-class Run:
-    """One evaluated training run: its identity in the workflow and its summary.json."""
-
-    dataset: str
-    source_2d: str
-    variant: str
-    seed: int
-    path: Path
-    summary: dict[str, Any] | None = None   # None: the summary file does not exist (yet)
-
-    @property
-    def provenance(self) -> dict[str, Any]:
-        return (self.summary or {}).get("provenance", {})
-
-
-def read_summary(path: str | Path) -> dict[str, Any]:
-    """Read and check one evaluation ``summary.json`` (format: finepose/docs/summary_format.md)."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise FinePoseError(f"{path}: not valid JSON ({exc}); rerun its evaluation") from exc
-    if not isinstance(data, dict) or "provenance" not in data or "results" not in data:
-        raise FinePoseError(f"{path}: expected an object with 'provenance' and 'results' "
-                            "(see finepose/docs/summary_format.md)")
-    if not isinstance(data["results"], list):
-        raise FinePoseError(f"{path}: 'results' must be a list of result rows")
-    for index, row in enumerate(data["results"]):
-        for key in ("mode", "step", "group", "key"):
-            if key not in row:
-                raise FinePoseError(f"{path}: results[{index}] has no {key!r}")
-    return data
-
-
-def load_runs(spec: Mapping[str, Any], base: Path = Path(".")) -> list[Run]:
-    """The spec's runs with their summaries read (absent files stay ``summary=None``).
-
-    A summary whose provenance names another variant or 2D source than the spec
-    says is an error: the table row would be mislabelled.
-    """
-    runs = []
-    for entry in spec.get("runs", []):
-        path = Path(entry["summary"])
-        full = path if path.is_absolute() else base / path
-        run = Run(dataset=entry["dataset"], source_2d=entry["source_2d"], variant=entry["variant"],
-                  seed=int(entry.get("seed", 0)), path=path)
-        if full.is_file():
-            run.summary = read_summary(full)
-            prov = run.provenance
-            for key, want in (("variant", run.variant), ("source_2d", run.source_2d)):
-                if key in prov and prov[key] != want:
-                    raise FinePoseError(f"{full}: provenance {key} is {prov[key]!r} but the table spec lists this "
-                                        f"file for {key} {want!r}; rerun the workflow or fix the spec")
-        runs.append(run)
-    return runs
-
-
-# --------------------------------------------------------------------------- numbers
-
-def result_rows(summary: Mapping[str, Any], mode: str, group: str, step: int | None = None) -> list[dict]:
-    """Result rows of one mode and group at ``step`` (default: the last DDIM step)."""
-    rows = [r for r in summary["results"] if r["mode"] == mode and r["group"] == group]
-    if not rows:
-        return []
-    if step is None:
-        step = max(int(r["step"]) for r in rows)
-    return [r for r in rows if int(r["step"]) == step]
-
-
-def _finite(value: Any) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def group_values(summary: Mapping[str, Any], mode: str, metric: str, group: str,
-                 step: int | None = None) -> dict[str, float]:
-    """{key: metric} for one group (``action``, ``activity``...) at the last step (or ``step``)."""
-    out = {}
-    for row in result_rows(summary, mode, group, step):
-        value = _finite(row.get(metric))
-        if value is not None:
-            out[str(row["key"])] = value
-    return out
-
-
-def headline_value(summary: Mapping[str, Any], mode: str, metric: str, average: str = "frames",
-                   step: int | None = None) -> float | None:
-    """A run's single number for a table cell.
-
-    ``average="frames"``: the ``all`` row (every scored frame pooled).
-    ``average="actions"``: the mean over the per-action values, as the paper's
-    Human3.6M "Avg" (falls back to ``all`` when the summary has no action rows).
-    ``average="activities"``: the mean over per-activity values (EgoHumans, Table 6).
-    """
-    if average in ("actions", "activities"):
-        values = group_values(summary, mode, metric, "action" if average == "actions" else "activity", step)
-        if values:
-            return sum(values.values()) / len(values)
-    rows = [r for r in result_rows(summary, mode, "all", step) if str(r["key"]) == "all"]
-    return _finite(rows[0].get(metric)) if rows else None
 
 
 @dataclass
@@ -223,15 +121,6 @@ def combine(runs: Sequence[Run], getter) -> Cell:
     if len(values) > 1:
         std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
     return Cell(mean, std, tuple(seeds), tuple(sources))
-
-
-def oracle_flag(runs: Sequence[Run], mode: str) -> bool:
-    """Whether ``mode`` used the ground truth, as the summaries say (else the known oracle modes)."""
-    for run in runs:
-        for row in (run.summary or {}).get("results", []):
-            if row.get("mode") == mode and "oracle" in row:
-                return bool(row["oracle"])
-    return mode in KNOWN_ORACLE_MODES
 
 
 # --------------------------------------------------------------------------- table model
@@ -345,6 +234,28 @@ class Builder:
         label = self.spec.get("detected_labels", {}).get(dataset)
         return label if label and source != "gt" else source
 
+    def description(self, dataset: str) -> Any:
+        """The dataset's description, as its evaluations recorded it (None before any ran)."""
+        from finepose.datasets import DatasetInfo
+
+        for run in self.runs:
+            if run.dataset == dataset and run.provenance.get("dataset_info"):
+                return DatasetInfo.from_dict(run.provenance["dataset_info"])
+        return None
+
+    def dataset_label(self, dataset: str) -> str:
+        """The dataset's human name: the spec's, else its description's, else the config name."""
+        label = self.spec.get("datasets", {}).get(dataset, {}).get("label")
+        if label:
+            return str(label)
+        info = self.description(dataset)
+        return info.label if info is not None else dataset
+
+    def headline_average(self, dataset: str, default: str = "frames") -> str:
+        info = self.description(dataset)
+        spec_average = self.spec.get("datasets", {}).get(dataset, {}).get("headline_average")
+        return spec_average or (info.headline_average if info is not None else default)
+
     def table_spec(self, name: str) -> dict[str, Any]:
         tables = self.spec.get("tables", {})
         if name not in tables:
@@ -413,14 +324,15 @@ class Builder:
                 row += self.metric_block(runs, paper[key], metric, "actions")
             rows.append(row)
             sources.append(_sources(runs))
-        notes = [f"Human3.6M ({dataset}), test subjects; MPJPE and P-MPJPE in mm, the mean over action classes "
+        name = self.dataset_label(dataset)
+        notes = [f"{name} ({dataset}), test subjects; MPJPE and P-MPJPE in mm, the mean over action classes "
                  "(the paper's protocol).", self.settings_note(all_runs), *self.mode_notes(all_runs),
                  _d3dp_note(self.paper["table1"]["d3dp"]["detected"], self.paper["table1"]["d3dp"]["gt"])]
-        return Table("table1", self.title(1, "Human3.6M, detected and ground-truth 2D input"), columns, rows, notes,
+        return Table("table1", self.title(1, f"{name}, detected and ground-truth 2D input"), columns, rows, notes,
                      sources)
 
     def _group_table(self, name: str, number: int, what: str, dataset: str, source: str, group: str,
-                     keys: Sequence[str], short: Mapping[str, str], paper_values: Mapping[str, Any],
+                     keys: Sequence[str], paper_values: Mapping[str, Any],
                      note: str) -> Table:
         """Table 2/6 layout: one column per action/activity plus Avg; rows paper / ours / Δ / ours GT-free."""
         runs = self.select(dataset, source, "finepose")
@@ -436,7 +348,7 @@ class Builder:
         avg_ours = combine(runs, lambda s: _mean_of(group_values(s, self.compare_mode, "mpjpe", group), keys))
         avg_free = combine(runs, lambda s: _mean_of(group_values(s, self.gt_free_mode, "mpjpe", group), keys))
         label = self.label("finepose")
-        columns = ["Method"] + [short.get(k, k) for k in keys] + ["Avg"]
+        columns = ["Method"] + [short_label(k) for k in keys] + ["Avg"]
         rows = [
             [f"{label} (paper)"] + [paper_cell(paper_values.get(k)) for k in keys] + [paper_cell(avg_paper)],
             [f"{label} (ours, {self.mode_header(self.compare_mode, runs)})"] + [ours[k] for k in keys] + [avg_ours],
@@ -452,12 +364,17 @@ class Builder:
                          f"'{NOT_RUN}'); both Avg cells are the mean over the {len(present)} classes present.")
         return Table(name, self.title(number, what), columns, rows, notes, [(), src, src, src])
 
+    def paper_keys(self, name: str) -> list[str]:
+        """The classes (actions, activities) a per-class paper table has, in the paper's order."""
+        return [k for k in self.paper[name]["finepose"] if k != "avg"]
+
     def table2(self) -> Table:
         t = self.table_spec("table2")
+        name = self.dataset_label(t["dataset"])
         return self._group_table(
-            "table2", 2, "Human3.6M MPJPE per action, detected 2D input", t["dataset"], t["source_2d"], "action",
-            H36M_ACTIONS, ACTION_SHORT, self.paper["table2"]["finepose"],
-            f"Human3.6M ({t['dataset']}), 2D source "
+            "table2", 2, f"{name} MPJPE per action, detected 2D input", t["dataset"], t["source_2d"], "action",
+            self.paper_keys("table2"), self.paper["table2"]["finepose"],
+            f"{name} ({t['dataset']}), 2D source "
             f"{_with_paper(self.source_label(t['dataset'], t['source_2d']), 'CPN')}; "
             "MPJPE in mm; Avg is the mean over "
             "the action classes. Paper's D3DP Avg for reference: "
@@ -472,10 +389,11 @@ class Builder:
         for metric in metrics:
             row += self.metric_block(runs, self.paper["table3"]["finepose"], metric, "frames")
         d3dp = self.paper["table3"]["d3dp"]
-        notes = [f"MPI-INF-3DHP ({t['dataset']}), 2D source {t['source_2d']}; PCK (150 mm) and AUC in %, MPJPE in mm, "
+        name = self.dataset_label(t["dataset"])
+        notes = [f"{name} ({t['dataset']}), 2D source {t['source_2d']}; PCK (150 mm) and AUC in %, MPJPE in mm, "
                  "pooled over every valid test frame.", self.settings_note(runs), *self.mode_notes(runs),
                  f"Paper's D3DP for reference: PCK {d3dp['pck']}, AUC {d3dp['auc']}, MPJPE {d3dp['mpjpe']}."]
-        return Table("table3", self.title(3, "MPI-INF-3DHP, ground-truth 2D input"), columns, [row], notes,
+        return Table("table3", self.title(3, f"{name}, ground-truth 2D input"), columns, [row], notes,
                      [_sources(runs)])
 
     def _ablation_table(self, name: str, number: int, what: str, blocks: bool) -> Table:
@@ -503,8 +421,9 @@ class Builder:
                 row += self.metric_block(runs, paper.get(variant), metric, "actions")
             rows.append(row)
             sources.append(_sources(runs))
-        notes = [f"Human3.6M ({dataset}), 2D source {_with_paper(self.source_label(dataset, source), 'CPN')}; "
-                 "mm, mean over action classes. "
+        notes = [f"{self.dataset_label(dataset)} ({dataset}), 2D source "
+                 f"{_with_paper(self.source_label(dataset, source), 'CPN')}; mm, mean over "
+                 "action classes. "
                  "Rows the paper does not have show '/' in the paper columns.", self.settings_note(all_runs),
                  *self.mode_notes(all_runs)]
         if blocks:
@@ -514,26 +433,90 @@ class Builder:
         return Table(name, self.title(number, what), columns, rows, notes, sources)
 
     def table4(self) -> Table:
-        return self._ablation_table("table4", 4, "prompt designs in the FPP block (Human3.6M, detected 2D)", False)
+        name = self.dataset_label(self.table_spec("table4")["dataset"])
+        return self._ablation_table("table4", 4, f"prompt designs in the FPP block ({name}, detected 2D)", False)
 
     def table5(self) -> Table:
-        return self._ablation_table("table5", 5, "FinePOSE blocks (Human3.6M, detected 2D)", True)
+        name = self.dataset_label(self.table_spec("table5")["dataset"])
+        return self._ablation_table("table5", 5, f"FinePOSE blocks ({name}, detected 2D)", True)
 
     def table6(self) -> Table:
         t = self.table_spec("table6")
         d3dp = self.paper["table6"]["d3dp"]
+        name = self.dataset_label(t["dataset"])
         return self._group_table(
-            "table6", 6, "EgoHumans (multi-human) MPJPE per activity", t["dataset"], t["source_2d"], "activity",
-            EGO_ACTIVITIES, EGO_SHORT, self.paper["table6"]["finepose"],
-            f"EgoHumans ({t['dataset']}), 2D source {t['source_2d']}; each character lifted on its own and stacked "
+            "table6", 6, f"{name} (multi-human) MPJPE per activity", t["dataset"], t["source_2d"], "activity",
+            self.paper_keys("table6"), self.paper["table6"]["finepose"],
+            f"{name} ({t['dataset']}), 2D source {t['source_2d']}; each character lifted on its own and stacked "
             "(paper Sec. 3.4); MPJPE in mm averaged per video, then per activity; Avg is the mean over the "
             f"activities. Paper's D3DP for reference: {', '.join(f'{k} {v}' for k, v in d3dp.items())}.")
+
+    def results_table(self, dataset: str) -> Table:
+        """The generic table of one dataset: every variant and 2D source evaluated on it.
+
+        Rows: the headline numbers (``all``: MPJPE, P-MPJPE, and PCK/AUC where the dataset's
+        description has them), then MPJPE per group the description reports by (action or
+        activity, subject, action x subject, video), keys in sorted order. Columns: per
+        (variant, 2D source), ours in the compare mode and in the GT-free mode, means over seeds.
+        """
+        runs = [r for r in self.runs if r.dataset == dataset]
+        info = self.description(dataset)
+        name = self.dataset_label(dataset)
+        average = self.headline_average(dataset)
+        order = {v: i for i, v in enumerate(["finepose", *self.variants])}
+        combos = sorted({(r.variant, r.source_2d) for r in runs},
+                        key=lambda c: (order.get(c[0], len(order)), c[0], c[1] != "gt", c[1]))
+        groups = [g for g in (info.groupings if info is not None else ("action", "subject"))
+                  if g not in GENERIC_SKIPPED_GROUPS]
+        metrics = ["mpjpe", "p_mpjpe"] + (["pck", "auc"] if info is not None and "pck_auc" in info.metrics else [])
+        columns = ["Group", "Key", "Metric"]
+        for variant, source in combos:
+            selected = self.select(dataset, source, variant)
+            for mode in (self.compare_mode, self.gt_free_mode):
+                columns.append(f"{self.label(variant)}, {self.source_label(dataset, source)}: "
+                               f"{self.mode_header(mode, selected)}")
+        rows: list[list[Any]] = []
+
+        def row(group: str, key: str, metric: str, getter) -> list[Any]:
+            cells: list[Any] = [GROUP_LABELS.get(group, group), key, METRIC_LABELS.get(metric, metric)]
+            for variant, source in combos:
+                selected = self.select(dataset, source, variant)
+                for mode in (self.compare_mode, self.gt_free_mode):
+                    cells.append(combine(selected, lambda s, mode=mode: getter(s, mode)))
+            return cells
+
+        for metric in metrics:
+            rows.append(row("all", "all", metric, lambda s, mode, metric=metric: headline_value(s, mode, metric, average)))
+        for group in groups:
+            keys = sorted({str(r["key"]) for run in runs if run.summary is not None
+                           for r in run.summary["results"] if r["group"] == group})
+            for key in keys:
+                rows.append(row(group, key, "mpjpe",
+                                lambda s, mode, group=group, key=key: group_values(s, mode, "mpjpe", group).get(key)))
+        headline = {"frames": "every scored frame pooled", "actions": "the mean over action classes",
+                    "activities": "the mean over activities (of per-video means)"}[average]
+        notes = [f"{name} ({dataset}): every evaluated variant and 2D source; MPJPE and P-MPJPE in mm"
+                 + (", PCK (150 mm) and AUC in %" if "pck" in metrics else "")
+                 + f"; the 'all' rows are {headline}, the other rows pool the frames of one group key"
+                 + (" (video: per-video means; activity: the mean of its video means)"
+                    if info is not None and "video_means" in info.metrics else "") + ".",
+                 self.settings_note(runs), *[n for n in self.mode_notes(runs) if not n.startswith("Δ")]]
+        if not runs:
+            notes.append(f"No experiment evaluates {dataset}: add one under experiments: in the config.")
+        sources = [_sources([r for r in runs if r.summary is not None])] * len(rows)
+        prefix = f"{self.title_prefix}: " if self.title_prefix else ""
+        return Table(f"{RESULTS_PREFIX}{dataset}", f"{prefix}results on {name}, every variant and 2D source",
+                     columns, rows, notes, sources)
 
     def build(self, names: Iterable[str]) -> list[Table]:
         out = []
         for name in names:
+            if name.startswith(RESULTS_PREFIX):
+                out.append(self.results_table(name[len(RESULTS_PREFIX):]))
+                continue
             if name not in TABLE_NAMES:
-                raise FinePoseError(f"table spec: unknown table {name!r}; known: {', '.join(TABLE_NAMES)}")
+                raise FinePoseError(f"table spec: unknown table {name!r}; known: {', '.join(TABLE_NAMES)}, "
+                                    f"or {RESULTS_PREFIX}<dataset>")
             out.append(getattr(self, name)())
         return out
 
@@ -699,12 +682,23 @@ def load_spec(path: str | Path) -> dict[str, Any]:
     return spec
 
 
+def table_names(spec: Mapping[str, Any], runs: Sequence[Run]) -> list[str]:
+    """What to build: the spec's ``build`` (default: each paper table whose dataset has runs), then
+    ``results_<dataset>`` for each dataset of ``results`` (default: every dataset with runs)."""
+    present = list(dict.fromkeys(r.dataset for r in runs))
+    tables = spec.get("tables", {})
+    paper = spec.get("build")
+    if paper is None:
+        paper = [n for n in TABLE_NAMES if n in tables and tables[n].get("dataset") in present]
+    return list(paper) + [f"{RESULTS_PREFIX}{d}" for d in spec.get("results", present)]
+
+
 def build_all(spec: Mapping[str, Any], out: Path, figures: Path | None = None, base: Path = Path("."),
               paper: Mapping[str, Any] | None = None) -> list[Path]:
     """Read the runs, build the tables in ``spec['build']``, write them (and figures); returns files written."""
     paper = paper if paper is not None else load_paper_results()
     runs = load_runs(spec, base)
-    names = spec.get("build", list(TABLE_NAMES))
+    names = table_names(spec, runs)
     tables = Builder(spec, runs, paper).build(names)
     written = write_tables(tables, runs, out)
     if figures is not None:
@@ -719,7 +713,8 @@ def build_all(spec: Mapping[str, Any], out: Path, figures: Path | None = None, b
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spec", required=True, type=Path,
                         help="table spec JSON (which summary.json belongs to which dataset/2D source/variant/seed)")
-    parser.add_argument("--out", required=True, type=Path, help="folder for table{1..6}.{md,csv,tex}, sources.csv")
+    parser.add_argument("--out", required=True, type=Path, help="folder for table{1..6}.{md,csv,tex}, results_<dataset>.{md,csv,tex}, tables.md, "
+                             "sources.csv")
     parser.add_argument("--figures", type=Path, default=None, help="folder for the PNG figures (default: none)")
 
 

@@ -55,6 +55,7 @@ from torch import nn
 
 from finepose.data.table import FRAMES_FILE, load_sequences, read_metadata
 from finepose.data.windows import ClipLoader, ClipSource, evaluation_windows, training_clips
+from finepose.datasets import DatasetInfo, describe
 from finepose.io import FinePoseError, atomic_path, atomic_write_json, atomic_write_text
 from finepose.runconfig import (data_hash, data_identity, describe_difference, load_run_config, model_hash,
                                 model_identity, resolve_run_config)
@@ -289,6 +290,7 @@ class TrainData:
     actions: list[str]
     train_subjects: list[str]
     val_description: str
+    info: DatasetInfo | None = None
 
 
 def prepared_table(data_dir: str | os.PathLike) -> Path:
@@ -312,7 +314,8 @@ def load_train_data(cfg: Mapping[str, Any], run_dir: Path | None = None, dist: D
         raise FinePoseError("run config: data.dir is not set (the prepared dataset folder)")
     data_dir = Path(d["dir"])
     meta = read_metadata(prepared_table(d["dir"]))
-    if meta.get("dataset") != cfg["dataset"]:
+    info = describe(meta)
+    if cfg["dataset"] is not None and meta.get("dataset") != cfg["dataset"]:
         raise FinePoseError(f"{data_dir / FRAMES_FILE} holds dataset {meta.get('dataset')!r}, "
                             f"the run config says dataset {cfg['dataset']!r}")
     joint_set = meta["joint_set"]
@@ -327,7 +330,7 @@ def load_train_data(cfg: Mapping[str, Any], run_dir: Path | None = None, dist: D
     leak = sorted(test & set(subjects))
     if leak:
         raise FinePoseError(f"run config: subjects {leak} are both training and test subjects")
-    if any(s.split == "test" for s in sequences) and not test:  # explicit disjoint test_subjects: carved (EgoHumans)
+    if any(s.split == "test" for s in sequences) and not test:  # explicit disjoint test_subjects: carved (test-only data)
         bad = sorted({s.subject for s in sequences if s.split == "test"})
         raise FinePoseError(f"run config: data.train_subjects include test-split subjects {bad}; "
                             "model selection must never see the test set (to carve a training set from a "
@@ -360,15 +363,16 @@ def load_train_data(cfg: Mapping[str, Any], run_dir: Path | None = None, dist: D
     else:
         desc = "none (best.pt is the last epoch)"
     return TrainData(train=source(train_seqs, "train"), val=source(val_seqs, "val"), meta=meta,
-                     joint_set=joint_set, actions=actions, train_subjects=subjects, val_description=desc)
+                     joint_set=joint_set, actions=actions, train_subjects=subjects, val_description=desc, info=info)
 
 
 # --------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------
-def resolve_model_config(cfg: Mapping[str, Any], num_joints: int, actions: list[str]) -> dict[str, Any]:
+def resolve_model_config(cfg: Mapping[str, Any], num_joints: int, actions: list[str],
+                         info: DatasetInfo | None = None) -> dict[str, Any]:
     """ModelConfig defaults <- run config ``model`` <- the variant's switches, plus the data's joints/actions
-    (and the 3DHP prompt layout for dataset mpi_inf_3dhp unless model.prompt_layout is set)."""
+    (and the prompt layout the dataset's description declares, unless model.prompt_layout is set)."""
     from finepose.model import VARIANTS, ModelConfig
 
     out = asdict(ModelConfig())
@@ -378,8 +382,8 @@ def resolve_model_config(cfg: Mapping[str, Any], num_joints: int, actions: list[
         raise FinePoseError(f"run config: model.joints = {cfg['model']['joints']} but the frame table has "
                             f"{num_joints} joints")
     out["joints"] = num_joints
-    if cfg["dataset"] == "mpi_inf_3dhp" and "prompt_layout" not in cfg["model"]:
-        out["prompt_layout"] = "3dhp"      # no action text in 3DHP prompts (official code)
+    if info is not None and "prompt_layout" not in cfg["model"]:
+        out["prompt_layout"] = info.prompt_layout      # e.g. no action text for a dataset without actions
     if "actions" not in cfg["model"]:
         out["actions"] = list(actions)
     return out
@@ -460,7 +464,7 @@ def check_compatible(ckpt: Mapping[str, Any], cfg: Mapping[str, Any], joint_set:
                      data_ident: Mapping[str, Any] | None = None) -> None:
     """Refuse a checkpoint of another variant, dataset, joint set, model definition or training data
     (2D source, splits, prepared dataset content: ``data_ident`` from runconfig.data_identity), naming both."""
-    mine = {"variant": cfg["variant"], "dataset": cfg["dataset"], "joint_set": joint_set}
+    mine = {"variant": cfg["variant"], "dataset": cfg["dataset"] or ckpt.get("dataset"), "joint_set": joint_set}
     for key, value in mine.items():
         theirs = ckpt.get(key)
         if theirs != value:
@@ -791,7 +795,7 @@ def train(cfg: Mapping[str, Any], run_dir: Path, *, resume: str = "auto", max_st
         data = load_train_data(cfg, run_dir, dist)
         ident_hash = model_hash(cfg, data.joint_set)
         t = cfg["train"]
-        model_cfg = resolve_model_config(cfg, data.train.joint_set.num_joints, data.actions)
+        model_cfg = resolve_model_config(cfg, data.train.joint_set.num_joints, data.actions, data.info)
         frames = int(model_cfg["frames"])
 
         generator = seed_everything(cfg["seed"], dist.rank)
@@ -869,7 +873,7 @@ def train(cfg: Mapping[str, Any], run_dir: Path, *, resume: str = "auto", max_st
             return {
                 "format": CHECKPOINT_FORMAT, "run_config": dict(cfg), "identity": model_identity(cfg, data.joint_set),
                 "identity_hash": ident_hash, "data_identity": data_ident, "data_hash": dhash,
-                "variant": cfg["variant"], "dataset": cfg["dataset"],
+                "variant": cfg["variant"], "dataset": data.info.name, "dataset_info": data.info.to_dict(),
                 "joint_set": data.joint_set, "source_2d": cfg["data"]["source_2d"], "demo": cfg["demo"],
                 "frames": frames, "actions": data.actions, "optimizer": optimizer.state_dict(),
                 "schedule": asdict(sched), "rng": rngs, "position": position, "boundary_done": boundary_done,
@@ -1013,7 +1017,7 @@ def train(cfg: Mapping[str, Any], run_dir: Path, *, resume: str = "auto", max_st
         if status == "done" and dist.main:
             _reconcile_best(best_path, last_path, best, step)
             info = {
-                "run": cfg["name"], "variant": cfg["variant"], "dataset": cfg["dataset"], "joint_set": data.joint_set,
+                "run": cfg["name"], "variant": cfg["variant"], "dataset": data.info.name, "joint_set": data.joint_set,
                 "source_2d": cfg["data"]["source_2d"], "seed": cfg["seed"], "demo": cfg["demo"],
                 "identity_hash": ident_hash, "data_hash": dhash, "epochs": epochs_done, "steps": step,
                 "steps_per_epoch": sched.steps_per_epoch, "passes_over_clips": step / sched.steps_per_epoch,

@@ -43,6 +43,22 @@ def project(points: np.ndarray, camera_model: str = "pinhole") -> np.ndarray:
     return points[..., :2] / points[..., 2:3] * F_PX + C_PX
 
 
+def _description(dataset: str, joint_set: str, actions) -> dict:
+    """The description a table of ``dataset`` carries: a built-in reader's (on this joint set), else a plain one."""
+    import dataclasses
+
+    from finepose.datasets import DatasetInfo, known_readers, load_reader
+    from finepose.skeleton import get_joint_set
+
+    if dataset in known_readers():
+        info = load_reader(dataset).INFO
+        if info.joint_set.name != joint_set:
+            info = dataclasses.replace(info, joint_set=get_joint_set(joint_set), mappings={})
+    else:
+        info = DatasetInfo(name=dataset, label=dataset, joint_set=get_joint_set(joint_set), actions=tuple(actions))
+    return info.to_dict()
+
+
 def write_dataset(root: Path, *, subjects: dict[str, str] | None = None, lengths=(60, 40), dataset: str = "h36m",
                   joint_set: str = "h36m17", actions=("Walking", "Eating"), persons: int = 1,
                   gaps: bool = False, invalid: tuple[int, int] | None = None, camera_model: str = "pinhole",
@@ -92,7 +108,7 @@ def write_dataset(root: Path, *, subjects: dict[str, str] | None = None, lengths
     columns["dataset"] = dataset
     meta = {"dataset": dataset, "joint_set": joint_set, "units": {"keypoints_3d": "m", "keypoints_2d": "px"},
             "sources_2d": [], "source_files": {"synthetic": str(seed)}, "reader": "tests.engine_helpers",
-            "reader_version": "1", "actions": list(actions)}
+            "reader_version": "1", "actions": list(actions), "dataset_info": _description(dataset, joint_set, actions)}
     root.mkdir(parents=True, exist_ok=True)
     write_table(build_frame_table(columns, 17, meta), root / "frames.parquet")
     fisheye = camera_model == "fisheye_aria"

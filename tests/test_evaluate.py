@@ -55,11 +55,13 @@ def test_summary_format_and_provenance(h36m):
     rows = summary["results"]
     assert all(set(r) == keys for r in rows)
     assert {(r["mode"], r["step"]) for r in rows} == {(m, s) for m in MODES for s in (1, 2)}
-    assert {r["group"] for r in rows} == {"all", "action", "subject", "sequence"}
+    assert {r["group"] for r in rows} == {"all", "action", "subject", "sequence", "action_subject"}  # its description
     assert all(r["oracle"] == (r["mode"] in ("p_best", "j_best")) for r in rows)
     actions = {r["key"] for r in rows if r["group"] == "action"}
     assert actions == {"Walking", "Eating"}
     assert {r["key"] for r in rows if r["group"] == "sequence"} == {"S9/Walking 0", "S9/Eating 1", "S9/Walking 2"}
+    assert {r["key"] for r in rows if r["group"] == "action_subject"} == {"Walking | S9", "Eating | S9"}
+    assert prov["dataset_info"]["name"] == "h36m" and prov["dataset_info"]["joint_set"]["name"] == "h36m17"
     assert all(r["pck"] is None and r["mpjpe"] > 0 and r["p_mpjpe"] <= r["mpjpe"] for r in rows)
 
 

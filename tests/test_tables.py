@@ -226,7 +226,8 @@ def test_provenance_every_cell_traces_to_a_summary(full):
     root, spec, _ = full
     tables.build_all(spec, root / "tables", base=root)
     sources = read_csv(root / "tables" / "sources.csv")
-    assert {s["table"] for s in sources} == set(tables.TABLE_NAMES)
+    datasets = {r["dataset"] for r in spec["runs"]}
+    assert {s["table"] for s in sources} == set(tables.TABLE_NAMES) | {f"results_{d}" for d in datasets}
     for s in sources:
         assert (root / s["summary_json"]).is_file()
         assert len(s["checkpoint_sha256"]) == 64 and s["hypotheses"] == "4" and s["steps"] == "3"
@@ -279,11 +280,16 @@ def test_corrupt_summary_names_the_file(full):
 def test_paper_results_match_the_paper():
     paper = tables.load_paper_results()
     t2 = paper["table2"]["finepose"]
-    assert sum(t2[a] for a in tables.H36M_ACTIONS) / 15 == pytest.approx(t2["avg"], abs=0.05)
+    from finepose.data.egohumans import TEST_ACTIVITIES
+    from finepose.data.h36m import ACTIONS
+
+    assert [a for a in t2 if a != "avg"] == list(ACTIONS)        # the per-class tables take their columns from it
+    assert sum(t2[a] for a in ACTIONS) / 15 == pytest.approx(t2["avg"], abs=0.05)
     assert paper["table1"]["finepose"]["detected"]["mpjpe"] == t2["avg"] == paper["table4"]["finepose"]["mpjpe"]
     assert paper["table4"]["wo_prompt"] == paper["table5"]["wo_prompt"]
     t6 = paper["table6"]["finepose"]
-    assert sum(t6[a] for a in tables.EGO_ACTIVITIES) / 3 == pytest.approx(t6["avg"], abs=0.05)
+    assert [a for a in t6 if a != "avg"] == list(TEST_ACTIVITIES)
+    assert sum(t6[a] for a in TEST_ACTIVITIES) / 3 == pytest.approx(t6["avg"], abs=0.05)
     assert paper["aggregation"] == "j_best"
 
 
@@ -313,3 +319,90 @@ def test_cli(full):
                               "--out", str(root / "x")], cwd=root, capture_output=True, text=True,
                              env={"PYTHONPATH": str(Path(tables.__file__).parents[1]), "PATH": "/usr/bin:/bin"})
     assert missing.returncode == 2 and "nope.json" in missing.stderr
+
+
+# ----------------------------------------------------------------------------- any dataset, any variant
+
+def test_only_a_non_finepose_variant_still_gets_its_figures_and_generic_table(tmp_path: Path):
+    """A config with only wo_prompt used to leave results/<preset>/figures unwritten (MissingOutputException)."""
+    runs = write_runs(tmp_path, [("h36m", "gt", "wo_prompt", 0, {}), ("h36m", "gt", "wo_prompt", 1, {"base": 44.0})])
+    spec = {**base_spec(runs), "tables": {}}
+    del spec["build"]                           # default: only paper tables whose dataset has runs (none here)
+    written = tables.build_all(spec, tmp_path / "tables", figures=tmp_path / "figures", base=tmp_path)
+    names = {p.name for p in written}
+    assert "results_h36m.md" in names and not any(n.startswith("table") and n != "tables.md" for n in names)
+    assert (tmp_path / "figures").is_dir() and "steps_h36m.png" in names
+    md = (tmp_path / "tables" / "results_h36m.md").read_text()
+    assert "wo prompt, gt: J-Best†" in md and "J-Agg" in md
+    rows = read_csv(tmp_path / "tables" / "results_h36m.csv")
+    overall = next(r for r in rows if r["Group"] == "all" and r["Metric"] == "MPJPE↓")
+    # mean over seeds 0 (40 + 0.5 + 0.25) and 1 (44 + 0.5 + 0.25), frame-pooled 'all' row
+    assert float(overall["wo prompt, gt: J-Best†"]) == pytest.approx(42.75)
+    assert [r["Key"] for r in rows if r["Group"] == "action"] == ["Directions", "Walking"]
+
+
+def test_no_runs_at_all_still_writes_the_figures_folder(tmp_path: Path):
+    spec = {**base_spec([]), "tables": {}, "build": []}
+    tables.build_all(spec, tmp_path / "tables", figures=tmp_path / "figures", base=tmp_path)
+    assert (tmp_path / "figures").is_dir()
+
+
+def test_paper_tables_default_to_the_datasets_present(full):
+    root, spec, _ = full
+    spec = {**spec, "runs": [r for r in spec["runs"] if r["dataset"] == "mpi_inf_3dhp"]}
+    del spec["build"]
+    assert tables.table_names(spec, tables.load_runs(spec, root)) == ["table3", "results_mpi_inf_3dhp"]
+
+
+def test_captions_use_the_datasets_own_name(full):
+    root, spec, _ = full
+    spec = {**spec, "datasets": {"h36m": {"label": "Our Human3.6M copy"}}}
+    tables.build_all(spec, root / "tables", base=root)
+    assert "Our Human3.6M copy, detected and ground-truth 2D input" in (root / "tables" / "table1.md").read_text()
+    assert "Our Human3.6M copy MPJPE per action" in (root / "tables" / "table2.md").read_text()
+
+
+def test_skeleton_legend_names_each_side_in_its_colour(tmp_path: Path, monkeypatch):
+    """The legend used to take the first bone's colour: 'prediction' was orange in one figure, blue in another."""
+    from finepose import figures
+    from finepose.skeleton import COCO17, H36M17
+
+    seen = []
+    original = figures._save
+
+    def capture(fig, path):
+        legend = fig.axes[0].get_legend()
+        seen.append({t.get_text(): h.get_color() for t, h in zip(legend.get_texts(), legend.legend_handles)})
+        ticks = [len(axis.get_major_locator()()) for axis in (fig.axes[0].xaxis, fig.axes[0].yaxis)]
+        seen[-1]["ticks"] = max(ticks)
+        return original(fig, path)
+
+    monkeypatch.setattr(figures, "_save", capture)
+    rng = np.random.default_rng(0)
+    for js in (H36M17, COCO17):
+        pose = rng.normal(scale=0.3, size=(js.num_joints, 3))
+        figures.skeleton_figure(pose + 0.01, pose, js.parents, js.right, "t", tmp_path / f"{js.name}.png",
+                                left=js.left)
+    for legend in seen:
+        assert legend["prediction, subject's left"] == "tab:blue"
+        assert legend["prediction, subject's right"] == "tab:orange"
+        assert legend["ground truth"] == "0.6" and legend["ticks"] <= 6
+    assert seen[0]["prediction, centre line"] == "tab:purple"      # H36M's spine and head
+
+
+def test_figure_titles_use_human_mode_labels(full):
+    root, spec, _ = full
+    summary = root / next(r["summary"] for r in spec["runs"] if r["dataset"] == "h36m" and r["source_2d"] == "gt")
+    gt = np.random.default_rng(0).normal(scale=0.3, size=(5, 17, 3))
+    np.savez(summary.parent / "poses.npz", pred=gt + 0.02, gt=gt, joint_set="h36m17", mode="j_best")
+    from finepose import figures
+
+    titles = []
+    original = figures.skeleton_figure
+    figures.skeleton_figure = lambda pred, gt, parents, right, title, path, left=None: (
+        titles.append(title) or original(pred, gt, parents, right, title, path, left))
+    try:
+        tables.build_all(spec, root / "tables", figures=root / "figures", base=root)
+    finally:
+        figures.skeleton_figure = original
+    assert titles and all("j_best" not in t for t in titles) and any("J-Best (oracle)" in t for t in titles)

@@ -256,7 +256,7 @@ def test_embedded_default_end_to_end(profile: str, tmp_path: Path, cluster_env):
     from finepose.io import sha256_file
 
     lines = list(csv.DictReader(open(tables_dir / "sources.csv", encoding="utf-8")))
-    assert {line["table"] for line in lines} == set(TABLES)
+    assert {line["table"] for line in lines} == set(TABLES) | {f"results_{name}" for name in cfg["datasets"]}
     checked: dict[str, str] = {}
     for line in lines:
         summary = wf / line["summary_json"]

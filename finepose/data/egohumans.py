@@ -46,14 +46,18 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from finepose.camera import project_aria, rotate_3d_to_upright
+from finepose.camera import (  # noqa: F401  (the Aria camera-row helpers live there)
+    aria_intrinsics_from_row, camera_row_intrinsics, project_aria, project_fisheye_aria, rotate_3d_to_upright,
+)
 from finepose.data.table import (
     build_camera_table,
     build_frame_table,
     is_up_to_date,
     write_dataset,
 )
+from finepose.datasets import PROMPT_WITH_ACTION, DatasetInfo
 from finepose.io import FinePoseError, release_file_error, sha256_file
+from finepose.skeleton import COCO17
 
 log = logging.getLogger(__name__)
 
@@ -65,34 +69,25 @@ JSON_NAME = "person_keypoints_ego_rgb.json"
 TEST_ACTIVITIES = ("tagging", "legoassemble", "fencing")
 ALL_ACTIVITIES = TEST_ACTIVITIES + ("basketball", "volleyball", "badminton", "tennis")
 MIN_VISIBLE_JOINTS = 5
+# Multi-human, test split only: each character lifted on its own, scored per video (Table 6).
+INFO = DatasetInfo(
+    name=DATASET, label="EgoHumans", joint_set=COCO17, actions=ALL_ACTIVITIES, prompt_layout=PROMPT_WITH_ACTION,
+    multi_person=True, camera_model="fisheye_aria", metrics=("mpjpe", "video_means"),
+    groupings=("video", "activity"), headline_average="activities", splits=("test",))
+OPTIONS_SCHEMA = {
+    "type": "object", "additionalProperties": False,
+    "properties": {
+        "activities": {"type": "array", "items": {"enum": list(ALL_ACTIVITIES)}, "minItems": 1, "uniqueItems": True},
+        "data_root": {"type": "string"},
+        "min_visible_joints": {"type": "integer", "minimum": 1},
+        "max_reprojection_px": {"type": "number", "exclusiveMinimum": 0},
+    },
+}
 ROOT_JOINTS = (11, 12)  # COCO left_hip, right_hip: the root is their midpoint
 _VIDEO_NAME = re.compile(r"^(?P<activity>[a-z]+)_(?P<seq>\d+_[a-z]+)_(?P<camera>[A-Za-z]+\d+)_(?P<mode>[a-z]+)$")
 
 
 # --------------------------------------------------------------------------- geometry
-
-def camera_row_intrinsics(intrinsics: np.ndarray, res_w: int) -> dict[str, Any]:
-    """15 Aria intrinsics (unrotated) -> the camera-table fields (upright encoding, see the module docstring)."""
-    intr = [float(v) for v in intrinsics]
-    return {"fx": intr[0], "fy": intr[0], "cx": res_w - intr[2], "cy": intr[1], "k": intr[3:9], "p": intr[9:15]}
-
-
-def aria_intrinsics_from_row(row: Mapping[str, Any]) -> np.ndarray:
-    """Inverse of ``camera_row_intrinsics``: a cameras.parquet row -> the 15 unrotated Aria intrinsics."""
-    if row.get("fx") is None:
-        raise ValueError(f"camera {row.get('camera')} of {row.get('subject')} has no intrinsics "
-                         f"(intrinsics_source {row.get('intrinsics_source')!r})")
-    k, p = row.get("k"), row.get("p")
-    if k is None or p is None or len(k) != 6 or len(p) != 6:
-        raise ValueError(f"camera {row.get('camera')} of {row.get('subject')}: the fisheye_aria row lacks its 6 "
-                         "radial (k) and 6 tangential/thin-prism (p) terms")
-    return np.array([row["fx"], row["cy"], row["res_w"] - row["cx"], *row["k"], *row["p"]], dtype=np.float64)
-
-
-def project_fisheye_aria(points: np.ndarray, row: Mapping[str, Any]) -> np.ndarray:
-    """(..., 3) upright camera-frame points (as in the frame table) -> (..., 2) upright pixels, with a camera row."""
-    return project_aria(np.asarray(points, dtype=np.float64), aria_intrinsics_from_row(row), row["res_w"])
-
 
 def read_aria_calibration(path: Path) -> dict[str, np.ndarray]:
     """One ``calib/TTTTT.txt`` -> {'rgb': 15 intrinsics, 'rgb_extrinsics': (3, 4) world-to-camera, ...}."""
@@ -329,7 +324,7 @@ def prepare(raw_dir: Path, out_dir: Path, *, force: bool = False, activities: It
         "keypoints_3d_frame": "upright Aria RGB camera (X' = -Y, Y' = X, Z' = Z of the sensor frame)",
         "confidence_2d_gt": "1.0 where the json's v > 0 (joint inside the image)",
         "reprojection_available": reprojection_available,
-        "frame": "time_stamp - 1", "splits": {"test": sorted(videos)},
+        "frame": "time_stamp - 1", "splits": {"test": sorted(videos)}, "dataset_info": INFO.to_dict(),
     }
     frames_table = build_frame_table(table_columns, NUM_JOINTS, metadata)
     cameras_table = build_camera_table(camera_rows, {k: metadata[k] for k in (

@@ -47,8 +47,9 @@ import pyarrow.parquet as pq
 
 from finepose import camera as cam_mod
 from finepose import skeleton
-from finepose.data import table
-from finepose.io import FinePoseError, load_npz, reading_release_file, release_file_error, sha256_file
+from finepose.data import table, videopose3d
+from finepose.datasets import PROMPT_WITH_ACTION, DatasetInfo
+from finepose.io import FinePoseError, reading_release_file, release_file_error, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,33 @@ TEST_SUBJECTS = ("S9", "S11")
 DEFAULT_MAX_TRIM = 10
 CALIBRATION_RESOURCE = "finepose/resources/h36m_cameras.json"
 
+INFO = DatasetInfo(
+    name=DATASET, label="Human3.6M", joint_set=skeleton.H36M17, actions=ACTIONS, prompt_layout=PROMPT_WITH_ACTION,
+    camera_model="pinhole_radtan", metrics=("mpjpe",),
+    groupings=("action", "subject", "sequence", "action_subject"), headline_average="actions",
+    splits=("train", "test"))
+OPTIONS_SCHEMA = {
+    "type": "object", "additionalProperties": False,
+    "properties": {
+        "layout": {"enum": ["auto", *LAYOUTS], "description": "which release layout the folder holds"},
+        "sources_2d": {"type": "array", "items": {"type": "string"}, "minItems": 1,
+                       "description": "detector 2D sources to keep (sh, or <source> of data_2d_h36m_<source>.npz)"},
+        "max_trim": {"type": "integer", "minimum": 0,
+                     "description": "largest 2D/3D length difference trimmed rather than refused"},
+        "progress": {"type": "boolean"},
+    },
+}
+
 _ALIASES = {a.lower(): a for a in ACTIONS} | {"takingphoto": "Photo", "walkingdog": "WalkDog"}
 _NAME_RE = re.compile(r"^([A-Za-z]+)(?:[ _](\d+))?$")
 _SUBJECT_RE = re.compile(r"^S(\d+)$")
-_NPZ_3D = "data_3d_h36m.npz"
-_NPZ_2D_PREFIX = "data_2d_h36m_"
+# The VideoPose3D npz layout of Human3.6M: 32 mocap joints in the 3D file, 17-joint 2D (H36M or COCO order).
+VIDEOPOSE3D = videopose3d.Layout(
+    name=DATASET, joint_set=INFO.joint_set, joints_3d=skeleton.H36M32.num_joints, select_3d=skeleton.H36M32_TO_17,
+    layouts_2d=videopose3d.layouts_2d_for(INFO.joint_set, [("h36m", JOINT_SET), ("coco", "coco17")]),
+    camera_ids=cam_mod.H36M_CAMERA_IDS, subject_order=lambda s: _subject_order(s))
+_NPZ_3D = VIDEOPOSE3D.file_3d
+_NPZ_2D_PREFIX = VIDEOPOSE3D.prefix_2d
 
 
 def canonical_action(name: str, origin: str | Path | None = None) -> str:
@@ -148,7 +171,7 @@ def _read_h5(path: Path, rel: str, dataset: str) -> np.ndarray:
 
 
 def _load_npz(path: Path, rel: str, key: str) -> Any:
-    return load_npz(path, key, shown=rel, expected="a VideoPose3D Human3.6M npz file")
+    return videopose3d.load_npz(path, rel, key, "VideoPose3D Human3.6M npz file")
 
 
 # --- layout detection and file discovery ----------------------------------------------------
@@ -190,7 +213,7 @@ def _baseline_files(raw_dir: Path) -> tuple[list[Path], dict[tuple[str, str, str
 
 
 def _npz_2d_files(raw_dir: Path, sources_2d: Iterable[str] | None) -> dict[str, Path]:
-    found = {f.name[len(_NPZ_2D_PREFIX):-4]: f for f in sorted(raw_dir.glob(f"{_NPZ_2D_PREFIX}*.npz"))}
+    found = videopose3d.find_2d_files(raw_dir, VIDEOPOSE3D)
     if sources_2d is None:
         return {s: f for s, f in found.items() if s != "gt"}
     out = {}
@@ -293,65 +316,18 @@ def _read_baseline(raw_dir: Path, files_3d: list[Path], sh_files: dict, cameras_
 
 
 def _read_videopose3d_3d(raw_dir: Path) -> list[_Sequence]:
-    path = raw_dir / _NPZ_3D
-    positions = _load_npz(path, _NPZ_3D, "positions_3d")
-    if not isinstance(positions, dict):
-        raise FinePoseError(f"{_NPZ_3D}: positions_3d is not a {{subject: {{action: array}}}} dict")
     sequences = []
-    for subject in sorted(positions, key=_subject_order):
-        actions = positions[subject]
-        if not isinstance(actions, dict):
-            raise FinePoseError(f"{_NPZ_3D}: positions_3d[{subject!r}] is not an {{action: array}} dict")
-        for name in sorted(actions):
-            origin = f"{_NPZ_3D} [{subject}][{name}]"
-            action = canonical_action(name, origin)
-            values = np.asarray(actions[name])
-            if values.ndim != 3 or values.shape[1:] != (32, 3):
-                raise FinePoseError(f"{origin}: array has shape {values.shape}, expected (frames, 32, 3): "
-                                    "32 Human3.6M joints in world metres")
-            world = values[:, skeleton.H36M32_TO_17].astype(np.float64)
-            _check_3d(world, origin, NUM_JOINTS, "(frames, 32, 3)")
-            sequences.append(_Sequence(subject, name, action, world, _NPZ_3D))
-    if not sequences:
-        raise FinePoseError(f"{_NPZ_3D}: positions_3d holds no sequences")
+    for subject, name, world in videopose3d.read_3d(raw_dir, VIDEOPOSE3D, "VideoPose3D Human3.6M npz file"):
+        origin = f"{_NPZ_3D} [{subject}][{name}]"
+        action = canonical_action(name, origin)
+        _check_3d(world, origin, NUM_JOINTS, "(frames, 32, 3)")
+        sequences.append(_Sequence(subject, name, action, world, _NPZ_3D))
     return sequences
 
 
-_H36M17 = skeleton.get_joint_set(JOINT_SET)
-_COCO17 = skeleton.get_joint_set("coco17")
-
-
 def _read_videopose3d_2d(path: Path, source: str, rel: str) -> list[_Detection]:
-    meta = _load_npz(path, rel, "metadata")
-    positions = _load_npz(path, rel, "positions_2d")
-    if not isinstance(meta, dict) or not isinstance(positions, dict):
-        raise FinePoseError(f"{rel}: metadata / positions_2d are not dicts; not a VideoPose3D 2D file")
-    layout, joints = meta.get("layout_name"), meta.get("num_joints")
-    symmetry = [list(map(int, side)) for side in meta.get("keypoints_symmetry", [])]
-    expected = {("h36m", 17): (_H36M17, None), ("coco", 17): (_COCO17, "coco17")}
-    if (layout, joints) not in expected:
-        raise FinePoseError(f"{rel}: 2D layout {layout!r} with {joints} joints is not supported; "
-                            "expected layout_name 'h36m' or 'coco' with num_joints 17")
-    joint_set, convert_from = expected[(layout, joints)]
-    if symmetry and symmetry != [list(joint_set.left), list(joint_set.right)]:
-        raise FinePoseError(f"{rel}: keypoints_symmetry {symmetry} does not match the {joint_set.name} order "
-                            f"(left {list(joint_set.left)}, right {list(joint_set.right)})")
-    out = []
-    for subject in sorted(positions, key=_subject_order):
-        for name in sorted(positions[subject]):
-            per_camera = positions[subject][name]
-            if len(per_camera) > len(cam_mod.H36M_CAMERA_IDS):
-                raise FinePoseError(f"{rel} [{subject}][{name}]: {len(per_camera)} cameras, Human3.6M has 4")
-            for index, values in enumerate(per_camera):
-                values = np.asarray(values)
-                if values.ndim != 3 or values.shape[1:] != (joints, 2):
-                    raise FinePoseError(f"{rel} [{subject}][{name}][{index}]: array has shape {values.shape}, "
-                                        f"expected (frames, {joints}, 2)")
-                kp = values.astype(np.float32)                      # the table stores float32
-                if convert_from:
-                    kp = skeleton.convert(kp, convert_from, JOINT_SET)
-                out.append(_Detection(subject, name, cam_mod.H36M_CAMERA_IDS[index], kp, rel))
-    return out
+    return [_Detection(subject, name, camera, kp, rel)
+            for subject, name, camera, kp in videopose3d.read_2d(path, rel, VIDEOPOSE3D)]
 
 
 def _no_bar(progress: bool | None) -> bool | None:
@@ -587,7 +563,7 @@ def prepare(raw_dir: Path, out_dir: Path, *, force: bool = False, layout: str = 
         "reader_version": READER_VERSION, "options": options, "actions": list(ACTIONS),
         "layout": layout, "calibration": raw.calibration, "splits": {"train": list(TRAIN_SUBJECTS),
                                                                      "test": list(TEST_SUBJECTS)},
-        "summary": summary,
+        "summary": summary, "dataset_info": INFO.to_dict(),
     }
     frames = table.build_frame_table(columns, NUM_JOINTS, metadata)
     del columns

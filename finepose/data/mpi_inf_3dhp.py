@@ -41,7 +41,10 @@ from finepose.data.table import (
     is_up_to_date,
     write_dataset,
 )
+from finepose.camera import choose_intrinsics, fit_intrinsics, reprojection_error  # noqa: F401  (moved there)
+from finepose.datasets import PROMPT_WITHOUT_ACTION, DatasetInfo
 from finepose.io import FinePoseError, release_file_error, sha256_file
+from finepose.skeleton import MPI_INF_3DHP17
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,20 @@ ACTIVITIES = (
     "On The Floor", "Sports", "Miscellaneous",
 )
 TRAIN_ACTION = "none"
+# No action text in its prompts (the released model's 6-segment layout); PCK/AUC as the protocol.
+INFO = DatasetInfo(
+    name=DATASET, label="MPI-INF-3DHP", joint_set=MPI_INF_3DHP17, actions=ACTIVITIES + (TRAIN_ACTION,),
+    prompt_layout=PROMPT_WITHOUT_ACTION, camera_model="pinhole", metrics=("mpjpe", "pck_auc"),
+    groupings=("activity", "sequence"), headline_average="frames", splits=("train", "test"))
+OPTIONS_SCHEMA = {
+    "type": "object", "additionalProperties": False,
+    "properties": {
+        "parts": {"type": "array", "items": {"enum": ["test", "train"]}, "minItems": 1, "uniqueItems": True},
+        "train_cameras": {"oneOf": [{"type": "null"}, {"type": "array", "items": {"type": "integer", "minimum": 0},
+                                                       "minItems": 1}]},
+        "max_reprojection_px": {"type": "number", "exclusiveMinimum": 0},
+    },
+}
 # Image size of the test sequences (official evaluation code).
 TEST_IMAGE_SIZE = {1: (2048, 2048), 2: (2048, 2048), 3: (2048, 2048), 4: (2048, 2048),
                    5: (1920, 1080), 6: (1920, 1080)}
@@ -226,45 +243,6 @@ def parse_train_calibration(path: Path) -> dict[int, dict[str, Any]]:
                 raise FinePoseError(f"{path}: camera {cam} has no valid {key!r} line ({size} numbers expected)")
     return cameras
 
-
-def project_pinhole(points: np.ndarray, fx: float, fy: float, cx: float, cy: float) -> np.ndarray:
-    """(..., 3) camera-frame points -> (..., 2) pixels."""
-    return points[..., :2] / points[..., 2:3] * np.array([fx, fy]) + np.array([cx, cy])
-
-
-def fit_intrinsics(points_3d: np.ndarray, points_2d: np.ndarray) -> dict[str, float]:
-    """Least-squares fx, fy, cx, cy with u = fx X/Z + cx, v = fy Y/Z + cy over all finite joints."""
-    xy = points_3d[..., :2] / points_3d[..., 2:3]
-    keep = np.isfinite(xy).all(-1) & np.isfinite(points_2d).all(-1) & (points_3d[..., 2] > 0)
-    if keep.sum() < 4:
-        raise ValueError("fewer than 4 usable joints to fit intrinsics from")
-    out = {}
-    for axis, (f, c) in enumerate((("fx", "cx"), ("fy", "cy"))):
-        design = np.stack([xy[..., axis][keep], np.ones(int(keep.sum()))], axis=1)
-        (scale, offset), *_ = np.linalg.lstsq(design, points_2d[..., axis][keep], rcond=None)
-        out[f], out[c] = float(scale), float(offset)
-    return out
-
-
-def reprojection_error(points_3d: np.ndarray, points_2d: np.ndarray, intrinsics: dict[str, float]) -> float:
-    """Mean pixel distance between projected 3D and the given 2D over finite joints."""
-    error = np.linalg.norm(project_pinhole(points_3d, **intrinsics) - points_2d, axis=-1)
-    return float(np.nanmean(error)) if np.isfinite(error).any() else float("nan")
-
-
-def choose_intrinsics(points_3d: np.ndarray, points_2d: np.ndarray, calibrated: dict[str, float] | None,
-                      max_reprojection_px: float) -> tuple[dict[str, float], str, float, float | None]:
-    """Calibration when consistent with annot2, else the fit: (intrinsics, source, error, calibration error)."""
-    calib_error = None
-    if calibrated is not None:
-        calib_error = reprojection_error(points_3d, points_2d, calibrated)
-        if calib_error <= max_reprojection_px:
-            return calibrated, "calibration", calib_error, calib_error
-    fitted = fit_intrinsics(points_3d, points_2d)
-    return fitted, "fitted", reprojection_error(points_3d, points_2d, fitted), calib_error
-
-
-# --------------------------------------------------------------------------- discovery
 
 def find_test_sequences(raw_dir: Path) -> tuple[Path | None, list[tuple[int, Path]]]:
     """(test-set root, [(TS number, folder)]) from raw_dir or raw_dir/mpi_inf_3dhp_test_set."""
@@ -509,7 +487,7 @@ def prepare(raw_dir: Path, out_dir: Path, *, force: bool = False,
                                                              "keypoints_3d_univ": "m"},
         "sources_2d": [], "source_files": source_files, "reader": __name__, "reader_version": READER_VERSION,
         "options": options, "actions": list(ACTIVITIES) + ([TRAIN_ACTION] if train_seqs else []),
-        "root_joint": 14, "splits": {"train": sorted({s for s, _, _ in train_seqs}),
+        "root_joint": 14, "dataset_info": INFO.to_dict(), "splits": {"train": sorted({s for s, _, _ in train_seqs}),
                                      "test": [f.name for _, f in test_seqs]},
     }
     frames = build_frame_table(table_columns, NUM_JOINTS, metadata)

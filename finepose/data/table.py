@@ -29,7 +29,9 @@ model : string, ``pinhole`` | ``pinhole_radtan`` (H36M) | ``fisheye_aria`` | ``u
 intrinsics_source : string, ``calibration`` | ``fitted`` | ``missing``
 
 Schema metadata (key ``finepose``) is a JSON object with at least:
-``dataset``, ``joint_set`` (a name in ``finepose.skeleton``), ``units``,
+``dataset``, ``joint_set`` (a name in ``finepose.skeleton``), ``dataset_info`` (the reader's
+``finepose.datasets.DatasetInfo.to_dict()``: joint set definition and mappings, actions,
+prompt layout, multi-person, camera model, metric families, groupings), ``units``,
 ``sources_2d`` (list of detector source names), ``source_files``
 ({relative path: sha256}), ``reader`` (module) and ``reader_version``.
 

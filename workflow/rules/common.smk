@@ -27,10 +27,14 @@ SCHEMA_FILE = workflow.source_path("../schemas/config.schema.yaml")
 PAPER_TABLES = ("table1", "table2", "table3", "table4", "table5", "table6")
 LAUNCHED_KINDS = ("train", "evaluate")
 WILDCARD_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
-# the synth verb's folder for each release format (finepose.data.synthetic.FOLDERS)
-SYNTH_FOLDERS = {"h36m_npz": "h36m_videopose3d", "h36m_h5": "h36m_3d_pose_baseline",
-                 "mpi_inf_3dhp": "mpi_inf_3dhp", "egohumans": "egohumans"}
-MULTI_HUMAN_READERS = ("egohumans",)
+
+
+
+def _import_finepose():
+    """The rules read dataset descriptions at DAG time: import finepose (the clone's, if not installed)."""
+    if importlib.util.find_spec("finepose") is None:
+        sys.path.insert(0, str(Path(workflow.basedir)))
+    import finepose.datasets  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- the interpreter
@@ -49,6 +53,12 @@ def use_snakemakes_python():
 
 
 use_snakemakes_python()
+_import_finepose()
+
+from finepose import datasets as fp_datasets  # noqa: E402
+from finepose.data.prepare import check_options  # noqa: E402
+from finepose.data.synthetic import FOLDERS as SYNTH_FOLDERS  # noqa: E402  the synth verb's folder per format
+from finepose.io import FinePoseError  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -95,6 +105,16 @@ def config_origin() -> str:
     return " + ".join(dict.fromkeys(names)) or "the config"
 
 
+DESCRIPTIONS = {}      # dataset (config key) -> its reader's finepose.datasets.DatasetInfo
+
+
+def reader_options(info: dict) -> dict:
+    """datasets.<name>.prepare as reader keywords (a nested `options:` object merged in)."""
+    options = {k: v for k, v in info.get("prepare", {}).items() if k != "options"}
+    options.update(info.get("prepare", {}).get("options", {}))
+    return options
+
+
 def check_config(cfg: dict, schema_file) -> None:
     """Check ``cfg`` against the schema (every problem, by key), fill defaults, then cross-check."""
     with open(schema_file) as handle:
@@ -119,8 +139,20 @@ def cross_check(cfg: dict) -> list[str]:
             problems.append(f"variants.{name}: prompt none has no prompt to add or attend to; "
                             "set add_pooled and fpc to false (Table 5: without FPP, FPC is infeasible)")
     for name, info in datasets.items():
-        if "synth" in info and not info.get("release"):
+        if "synth" in info and info["synth"]["format"] not in SYNTH_FOLDERS:
+            problems.append(f"datasets.{name}.synth.format: {info['synth']['format']!r} is not a format of "
+                            f"`python -m finepose synth` ({', '.join(SYNTH_FOLDERS)}); give a fetch: entry instead")
+        elif "synth" in info and not info.get("release"):
             info["release"] = SYNTH_FOLDERS[info["synth"]["format"]]
+        try:
+            reader = fp_datasets.load_reader(info["reader"])
+        except FinePoseError as exc:
+            problems.append(f"datasets.{name}.reader: {exc}")
+            continue
+        DESCRIPTIONS[name] = reader.INFO
+        for path, message in check_options(reader, reader_options(info), info["reader"]):
+            where = ".".join(["prepare", path] if path else ["prepare"])
+            problems.append(f"datasets.{name}.{where}: {message}")
     for i, exp in enumerate(cfg["experiments"]):
         at = f"experiments[{i}]"
         if exp["dataset"] not in datasets:
@@ -136,17 +168,26 @@ def cross_check(cfg: dict) -> list[str]:
             if variant not in variants:
                 problems.append(f"{at}.variants[{j}]: {variant!r} is not under variants: ({', '.join(variants)})")
                 continue
-            layout = {**cfg["model"], **datasets[exp["dataset"]]["model"]}.get("prompt_layout", "h36m")
-            if j == 0 and datasets[exp["dataset"]]["reader"] in MULTI_HUMAN_READERS and \
-                    not datasets[exp["dataset"]]["splits"].get("train_subjects"):
+            info = DESCRIPTIONS.get(exp["dataset"])
+            if info is None:
+                continue
+            layout = {**cfg["model"], **datasets[exp["dataset"]]["model"]}.get("prompt_layout", info.prompt_layout)
+            if j == 0 and "train" not in info.splits and not datasets[exp["dataset"]]["splits"].get("train_subjects"):
                 problems.append(f"{at}.dataset: datasets.{exp['dataset']}.splits.train_subjects is missing; "
-                                f"{datasets[exp['dataset']]['reader']} has only a test split, so name the "
+                                f"{info.label} has only a test split, so name the "
                                 "subsequences to train on (and test_subjects to hold out)")
-            if layout == "3dhp" and variants[variant]["prompt"] in ("manual", "single", "coarse"):
+            if layout == fp_datasets.PROMPT_WITHOUT_ACTION and variants[variant]["prompt"] in ("manual", "single", "coarse"):
                 problems.append(f"{at}.variants[{j}]: {variant} needs an action text (prompt "
                                 f"{variants[variant]['prompt']}), but datasets.{exp['dataset']} uses "
-                                "prompt_layout 3dhp, which has none")
+                                f"prompt_layout {layout}, which has none")
     tables = cfg["tables"]
+    if "build" not in tables:      # the paper's tables whose dataset this config has
+        tables["build"] = [t for t in PAPER_TABLES if t in tables and tables[t]["dataset"] in datasets]
+    used = list(dict.fromkeys(exp["dataset"] for exp in cfg["experiments"] if exp["dataset"] in datasets))
+    tables.setdefault("results", used)
+    for j, name in enumerate(tables["results"]):
+        if name not in datasets:
+            problems.append(f"tables.results[{j}]: {name!r} is not under datasets: ({', '.join(datasets)})")
     for name in tables["build"]:
         spec = tables.get(name)
         if spec is None:
@@ -230,7 +271,7 @@ def run_id(run: dict) -> str:
 
 
 def is_multi_human(dataset: str) -> bool:
-    return config["datasets"][dataset]["reader"] in MULTI_HUMAN_READERS
+    return DESCRIPTIONS[dataset].multi_person
 
 
 def summary_path(run: dict) -> str:
@@ -310,16 +351,9 @@ def prepare_out(wildcards, output) -> str:
 
 
 def prepare_options(wildcards) -> str:
-    """The reader options of datasets.<name>.prepare as prepare's command-line flags (quoted)."""
-    info = config["datasets"][wildcards.dataset]["prepare"]
+    """The reader options of datasets.<name>.prepare as prepare's --option KEY=JSON flags (quoted)."""
     args = []
-    if "layout" in info:
-        args += ["--layout", info["layout"]]
-    if "sources_2d" in info:
-        args += ["--sources-2d", *info["sources_2d"]]
-    if "max_trim" in info:
-        args += ["--max-trim", str(info["max_trim"])]
-    for key, value in sorted(info.get("options", {}).items()):
+    for key, value in sorted(reader_options(config["datasets"][wildcards.dataset]).items()):
         args += ["--option", f"{key}={json.dumps(value)}"]
     return shlex.join(args)
 
@@ -359,7 +393,7 @@ def run_config(run: dict) -> dict:
         "name": f"{run['dataset']}_{run['source']}_{run['variant']}_s{run['seed']}",
         "variant": run["variant"],
         "seed": run["seed"],
-        "dataset": ds["reader"],
+        "dataset": DESCRIPTIONS[run["dataset"]].name,
         "demo": config["demo"],
         "data": {"dir": processed_dir(run["dataset"]), "source_2d": run["source"], **splits},
         "model": _merged(config["model"], ds["model"], variant["model"], switches),
@@ -482,6 +516,10 @@ def table_spec() -> dict:
         "tables": {name: tables[name] for name in tables["build"]},
         "detected_labels": {name: info["detected_label"] for name, info in config["datasets"].items()
                             if "detected_label" in info},
+        "datasets": {name: {"label": DESCRIPTIONS[name].label, "reader": info["reader"],
+                            "headline_average": DESCRIPTIONS[name].headline_average}
+                     for name, info in config["datasets"].items()},
+        "results": tables["results"],
         "runs": [{"dataset": r["dataset"], "source_2d": r["source"], "variant": r["variant"], "seed": r["seed"],
                   "summary": summary_path(r)} for r in RUNS],
     }
@@ -492,7 +530,8 @@ def table_spec_json(wildcards) -> str:
 
 
 def table_files() -> list[str]:
-    return [f"{RESULTS}/tables/{name}.{ext}" for name in config["tables"]["build"] for ext in ("md", "csv", "tex")]
+    names = list(config["tables"]["build"]) + [f"results_{name}" for name in config["tables"]["results"]]
+    return [f"{RESULTS}/tables/{name}.{ext}" for name in names for ext in ("md", "csv", "tex")]
 
 
 def tables_out(wildcards, output) -> str:

@@ -1,6 +1,7 @@
-# Tables and figures: the paper's Tables 1-6 (Markdown, CSV, LaTeX) from every evaluation
-# summary, each beside the paper's numbers, with sources.csv naming the summary.json behind
-# every row; figures in {results}/figures. Both go into `snakemake --report`.
+# Tables and figures: a generic results_<dataset> table per dataset (tables.results) and the
+# paper's Tables 1-6 for the datasets present (tables.build), in Markdown, CSV and LaTeX, from
+# every evaluation summary, with sources.csv naming the summary.json behind every row; figures
+# in {results}/figures (the folder is always written). Both go into `snakemake --report`.
 
 
 rule table_spec:
