@@ -20,9 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from finepose.data import table as fp_table
 from finepose.data.table import (
-    CAMERAS_FILE, FRAMES_FILE, build_camera_table, build_frame_table, is_up_to_date, read_metadata, write_table,
+    FRAMES_FILE, build_camera_table, build_frame_table, is_up_to_date, read_metadata, write_dataset,
 )
 from finepose.datasets import PROMPT_WITH_ACTION, DatasetInfo
 from finepose.io import FinePoseError, sha256_file
@@ -157,11 +156,8 @@ def prepare(raw_dir: Path, out_dir: Path, *, force: bool = False, cameras: list[
                     "model": "pinhole", "intrinsics_source": "calibration"} for s, c in used]
     cameras_table = build_camera_table(camera_rows, {"dataset": INFO.name, "reader": __name__,
                                                      "reader_version": READER_VERSION})
-    if hasattr(fp_table, "write_dataset"):      # finepose versions that commit both tables as one unit
-        fp_table.write_dataset(out_dir, frames_table, cameras_table, raw_dir=raw_dir)
-    else:                                       # cameras first: frames.parquet marks the folder complete
-        write_table(cameras_table, out_dir / CAMERAS_FILE)
-        write_table(frames_table, out_dir / FRAMES_FILE)
+    # both tables and manifest.json as one unit: a kill never leaves tables of two inputs
+    write_dataset(out_dir, frames_table, cameras_table, raw_dir=raw_dir)
     return {"dataset": INFO.name, "up_to_date": False, "rows": rows, "files": len(files), "out": str(out_dir)}
 
 
