@@ -581,7 +581,7 @@ def test_disk_full_while_checkpointing_says_so_and_keeps_the_previous_checkpoint
 
     monkeypatch.setattr(torch, "save", full_disk)
     last = run_dir / "checkpoints/last.pt"
-    with pytest.raises(FinePoseError, match=rf"disk full \(ENOSPC\) writing {last}"):
+    with pytest.raises(FinePoseError, match=rf"{last}: disk full"):
         train(cfg, run_dir, device="cpu")
     assert _ckpt(last)["position"]["step"] == 1                       # the previous checkpoint, intact
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.pt"]   # no temporary file left
