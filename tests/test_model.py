@@ -337,6 +337,7 @@ def test_cpu_kernels_keep_float32_math_and_restore_settings():
     assert (tuned - reference).abs().max() <= 1e-5 * reference.abs().max()
 
 
+@pytest.mark.gpu
 def test_model_on_cuda_matches_cpu():
     """GPU correctness: the denoiser, a training step and a flip sampling call on CUDA agree with CPU float32."""
     if not torch.cuda.is_available():
