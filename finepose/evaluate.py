@@ -84,12 +84,15 @@ class _HostBatch:
 
 
 def _host_batch(source: ClipSource, windows: EvalWindows, ids: np.ndarray, lo: int, batch_size: int, frames: int,
-                hypotheses: int, steps: int, seed: int) -> _HostBatch:
+                hypotheses: int, steps: int, seed: int, pin: bool = False) -> _HostBatch:
     idx = np.arange(lo, min(lo + batch_size, len(windows)))
     w = windows.take(idx)
     batch = gather(source, w.seq, w.start, None, frames)
     _, scored = scored_rows(source, w, frames)
     noise, step_noise = window_noise(seed, ids[idx], hypotheses, steps, (frames, batch.x2d.shape[2], 3))
+    if pin:   # page-locked: the copies to the GPU are then asynchronous
+        noise = noise.pin_memory()
+        step_noise = None if step_noise is None else step_noise.pin_memory()
     return _HostBatch(idx, w.seq, batch, scored, noise, step_noise)
 
 
@@ -119,7 +122,10 @@ def predict_windows(model, diffusion, source: ClipSource, windows: EvalWindows, 
     batch_size = max(1, int(batch_size))
     model.eval()
     starts = list(range(0, len(windows), batch_size))
-    host = lambda lo: _host_batch(source, windows, ids, lo, batch_size, frames, hypotheses, steps, seed)  # noqa: E731
+    cuda = device.type == "cuda"
+    host = lambda lo: _host_batch(source, windows, ids, lo, batch_size, frames, hypotheses, steps, seed,  # noqa: E731
+                                  pin=cuda and prefetch)
+    mark_step = getattr(getattr(torch, "compiler", None), "cudagraph_mark_step_begin", None) if cuda else None
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finepose-prefetch") if prefetch else None
     try:
         pending = pool.submit(host, starts[0]) if pool is not None and starts else None
@@ -136,16 +142,21 @@ def predict_windows(model, diffusion, source: ClipSource, windows: EvalWindows, 
 
             def closed(inputs_2d):
                 def denoise(y_t, t):
+                    if mark_step is not None:    # CUDA graphs (compile mode reduce-overhead): a new replay
+                        mark_step()
                     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                        return model(y_t, inputs_2d, t, prompts).float()
+                        out = model(y_t, inputs_2d, t, prompts).float()
+                    # a CUDA graph's output buffer is overwritten by its next replay (the flip's second call)
+                    return out.clone() if cuda else out
                 return denoise
 
             denoise = closed(x2d)
             if flip:
                 denoise = flip_averaged(denoise, mirror, closed(mirror(x2d)))
             x0 = diffusion.ddim_sample(denoise, (b, frames, joints, 3), hypotheses=hypotheses, steps=steps, eta=eta,
-                                       noise=hb.noise.to(device), step_noise=None if hb.step_noise is None
-                                       else hb.step_noise.to(device), device=device)
+                                       noise=hb.noise.to(device, non_blocking=True),
+                                       step_noise=None if hb.step_noise is None
+                                       else hb.step_noise.to(device, non_blocking=True), device=device)
             if source.joint_set.root is not None:   # the target root is 0 by construction (as the official code)
                 x0[..., source.joint_set.root, :] = 0
             yield WindowResult(index=ids[hb.idx], seq=hb.seq, batch=batch, scored=hb.scored, x0=x0.float())
@@ -662,16 +673,16 @@ def evaluate(checkpoint: Path, out_dir: Path, *, data_dir: str | Path | None = N
              checkpoint, dataset, split, source_2d, source.num_sequences, source.num_frames, len(windows), frames,
              hypotheses, steps, flip)
     amp = bool(run_cfg.get("train", {}).get("amp", True)) if amp is None else bool(amp)
-    if compile != "none":
-        model.compile(mode=compile, dynamic=False)
     sizing = None
-    if batch_size == "auto":
+    if batch_size == "auto":      # measured eagerly (compiled code needs no more memory), before compiling
         batch_size, sizing = auto_batch_size(model, diffusion, source, windows, frames=frames,
                                              hypotheses=hypotheses, steps=steps, flip=flip, device=dev, amp=amp,
                                              modes=modes, root=root_trajectory, intrinsics=intrinsics)
         if dev.type != "cuda":
             batch_size = ev["batch_size"]
         log.info("batch size %d windows (%s)", batch_size, sizing["reason"])
+    if compile != "none":
+        model.compile(mode=compile, dynamic=False)
     bar = Progress(len(windows), "windows", f"evaluate {source_2d} H={hypotheses} M={steps}", show_bar=progress)
     score_windows(predict_windows(model, diffusion, source, windows, frames=frames, hypotheses=hypotheses,
                                   steps=steps, eta=eta, flip=flip, batch_size=batch_size, seed=seed, device=dev,
