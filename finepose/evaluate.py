@@ -170,9 +170,9 @@ def auto_batch_size(model, diffusion, source: ClipSource, windows: EvalWindows, 
                     intrinsics: np.ndarray | None, fraction: float = 0.8, cap: int = 1024) -> tuple[int, dict]:
     """Windows per batch that fill ``fraction`` of the CUDA device's free memory: (batch size, how).
 
-    Measures the peak memory of one window's sampling (one DDIM step; a step's peak does not
-    grow with M) and aggregation, adds the M per-step estimates it keeps, and divides the
-    free memory (the driver's free memory plus what PyTorch's cache holds unused) by it.
+    Measures the peak memory of one window's sampling (all M steps, flip) and aggregation in
+    every mode (fixed costs such as the prompt branch included: an overestimate), and divides
+    the free memory (the driver's free memory plus what PyTorch's cache holds unused) by it.
     On CPU there is no such measure: returns (8, ...) and callers use the configured size.
     """
     device = torch.device(device)
@@ -181,14 +181,12 @@ def auto_batch_size(model, diffusion, source: ClipSource, windows: EvalWindows, 
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    probe = windows.take(np.arange(min(2, len(windows))))
-    for res in predict_windows(model, diffusion, source, probe, frames=frames, hypotheses=hypotheses, steps=1,
-                               flip=flip, batch_size=len(probe), device=device, amp=amp, prefetch=False):
+    probe = windows.take(np.arange(1))
+    for res in predict_windows(model, diffusion, source, probe, frames=frames, hypotheses=hypotheses, steps=steps,
+                               flip=flip, batch_size=1, device=device, amp=amp, prefetch=False):
         aggregate_window_batch(res, source, modes, root, intrinsics)
     torch.cuda.synchronize(device)
-    per_window = (torch.cuda.max_memory_allocated(device) - base) / len(probe)
-    joints = len(source.joint_set.joint_names)
-    per_window += 3 * steps * hypotheses * frames * joints * 3 * 4     # x0 estimates: list, stack, float copy
+    per_window = torch.cuda.max_memory_allocated(device) - base
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     size = int(max(1, min(cap, len(windows), (free * fraction) // max(per_window, 1))))
