@@ -7,6 +7,10 @@ architecture with seeded random weights, recorded as clip_weights "random"):
       MPJPE loss (released gradient scaling), backward, AdamW step; sampling call = one
       DDIM call with H=5 hypotheses, M=2 steps, test-time flip, prompts encoded once.
   (b) 243 frames, batch 1, H=20, M=10, flip: CUDA only (skipped with the reason on CPU).
+  (t) training throughput at 243 frames, batch 4 (the paper's) to 32: CUDA only; each batch's
+      step time, MFU and projected_paper_training_h (100 epochs of ~12,000 clips with flips).
+  (s) the small real-data preset's training step (width 48, depth 3, 27 frames, batch 32,
+      test-tiny CLIP): seconds, CPU seconds and the fraction of this CPU's GEMM ceiling.
 
 On CUDA: bf16 autocast, peak allocated memory, and model FLOPs utilisation (FLOPs counted
 with torch.utils.flop_counter over one call, divided by time and the GPU's dense bf16
@@ -39,6 +43,16 @@ CASES = {
     "a": {"frames": 27, "batch": 2, "hypotheses": 5, "steps": 2, "devices": ("cpu", "cuda")},
     "b": {"frames": 243, "batch": 1, "hypotheses": 20, "steps": 10, "devices": ("cuda",)},
 }
+# (t) training throughput of the released model at 243 frames: the paper's batch (4 clips) and larger
+# batches (same 100 epochs in fewer steps; the lr would be scaled, e.g. linearly, up to 32 clips, beyond
+# which one step covers more than 1/400 of an epoch and the schedule's 100 epochs lose their meaning).
+TRAIN_BATCHES = (4, 8, 16, 32)
+PAPER_TRAIN_CLIPS = 12_000   # non-overlapping 243-frame clips of S1, S5-S8 (4 cameras) with their flipped copies
+PAPER_EPOCHS = 100
+# (s) the small real-data preset (workflow/presets/h36m_real.yaml): width 48, depth 3, 4 heads,
+# 27 frames, batch 32, the test-tiny CLIP tower, FinePOSE prompts; a CPU training step (issue 9).
+SMALL = {"width": 48, "depth": 3, "heads": 4, "mlp_ratio": 2.0, "frames": 27, "batch": 32,
+         "clip_model": "test-tiny"}
 ACTIONS = ("Walking", "Eating")
 
 
@@ -82,7 +96,8 @@ def _time(fn, device, repeats: int, warmup: int) -> dict:
             "max_s": round(max(times), 4), "median_cpu_s": round(statistics.median(cpu), 4), "repeats": repeats}
 
 
-def cpu_gemm_ceiling(width: int = 512, mlp_ratio: float = 2.0, repeats: int = 10) -> dict:
+def cpu_gemm_ceiling(width: int = 512, mlp_ratio: float = 2.0, repeats: int = 10,
+                     token_counts: tuple[int, ...] = (918, 4590)) -> dict:
     """This CPU's float32 GEMM rate on the model's own linear-layer shapes (GFLOP/s, current threads).
 
     The denoiser's FLOPs are almost all in Linear layers (qkv, proj, fc1, fc2 of every block) over
@@ -100,7 +115,7 @@ def cpu_gemm_ceiling(width: int = 512, mlp_ratio: float = 2.0, repeats: int = 10
     try:
         for routing, precision in (("mkl", "none"), ("onednn", "bf16")):
             backend.fp32_precision = precision
-            for tokens in (918, 4590):  # case (a): a training batch (2 x 27 x 17) and a sampling call (10 rows)
+            for tokens in token_counts:  # case (a): a training batch (2 x 27 x 17) and a sampling call (10 rows)
                 total_flop, total_s = 0.0, 0.0
                 for k, n in shapes:
                     a, w, b = torch.randn(tokens, k), torch.randn(n, k), torch.randn(n)
@@ -323,10 +338,114 @@ def run_case(name: str, device_name: str, repeats: int, warmup: int, compat: boo
     return result
 
 
+def _train_setup(device, frames: int, batch: int, cfg_kwargs: dict, compile_mode: str = "none"):
+    """A model, diffusion, optimiser and inputs for a training step of ``batch`` clips (distinct actions cycle)."""
+    import torch
+
+    from finepose.diffusion import GaussianDiffusion
+    from finepose.model import ModelConfig, build_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(frames=frames, clip_pretrained="none", allow_random_clip=True,
+                                        **cfg_kwargs)).to(device)
+    if compile_mode != "none":
+        model.compile(mode=compile_mode)
+    diffusion = GaussianDiffusion(timesteps=1000).to(device)
+    g = torch.Generator().manual_seed(0)
+    x2d = torch.rand(batch, frames, 17, 2, generator=g).mul(2).sub(1).to(device)
+    y0 = (torch.randn(batch, frames, 17, 3, generator=g) * 0.3).to(device)
+    y0[:, :, 0] = 0
+    actions = [("Walking", "Eating", "Sitting", "Phoning", "Greeting", "Posing")[i % 6] for i in range(batch)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=6e-5, betas=(0.9, 0.999), weight_decay=0.1, fused=True)
+    bf16 = device.type == "cuda"
+
+    def step():
+        model.train()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            prompts = model.encode_prompts(actions)
+            loss = diffusion.training_loss(lambda y_t, t: model(y_t, x2d, t, prompts).float(), y0,
+                                           loss="mpjpe", official_grad_scaling=True)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return model, step, params
+
+
+def run_train_throughput(device_name: str, repeats: int, warmup: int, batches=TRAIN_BATCHES,
+                         compile_mode: str = "none") -> dict:
+    """(t): the released model's training step at 243 frames and each batch; projected_paper_training_h."""
+    import torch
+
+    device = torch.device(device_name)
+    rows = []
+    for batch in batches:
+        try:
+            model, step, params = _train_setup(device, 243, batch, {}, compile_mode)
+            torch.cuda.reset_peak_memory_stats(device)
+            timing = _time(step, device, repeats, warmup + (2 if compile_mode != "none" else 0))
+            timing["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+            flops = _flops(step)
+        except torch.OutOfMemoryError as exc:
+            rows.append({"batch": batch, "skipped": f"out of memory ({str(exc).splitlines()[0]})"})
+            torch.cuda.empty_cache()
+            continue
+        peak = _peak_flops(device)
+        steps = PAPER_EPOCHS * PAPER_TRAIN_CLIPS / batch
+        timing.update(batch=batch, model_gflop=round(flops / 1e9, 1),
+                      mfu=round(flops / timing["median_s"] / peak, 4) if peak else None,
+                      clips_per_s=round(batch / timing["median_s"], 2), steps_for_100_epochs=int(steps),
+                      projected_paper_training_h=round(steps * timing["median_s"] / 3600, 2))
+        rows.append(timing)
+        del model, step, params
+        torch.cuda.empty_cache()
+    paper = next((r for r in rows if r.get("batch") == 4 and "median_s" in r), None)
+    return {"case": "t", "device": device_name, "frames": 243, "precision": "bf16 autocast", "compile": compile_mode,
+            "recipe": f"{PAPER_EPOCHS} epochs x {PAPER_TRAIN_CLIPS} clips (with flips); paper batch 4 = "
+                      f"{PAPER_EPOCHS * PAPER_TRAIN_CLIPS // 4} steps",
+            "batches": rows, "projected_paper_training_h": paper["projected_paper_training_h"] if paper else None,
+            "projected_training_h_at_largest_batch": next(
+                (r["projected_paper_training_h"] for r in reversed(rows) if "median_s" in r), None)}
+
+
+def run_small(device_name: str, repeats: int, warmup: int) -> dict:
+    """(s): the small real-data preset's training step (issue 9): seconds, CPU seconds, share of the GEMM ceiling."""
+    import torch
+
+    device = torch.device(device_name)
+    kwargs = {k: SMALL[k] for k in ("width", "depth", "heads", "mlp_ratio", "clip_model")}
+    model, step, params = _train_setup(device, SMALL["frames"], SMALL["batch"], kwargs)
+    if device.type != "cuda":
+        _rss_reset()
+    timing = _time(step, device, repeats, warmup)
+    flops = _flops(step)
+    result = {"case": "s", "device": device_name, **SMALL, "precision": "bf16 autocast" if device.type == "cuda"
+              else "float32", "attention_on_cpu": "explicit (finepose.model.perf.attention)",
+              "trainable_params_M": round(sum(p.numel() for p in params) / 1e6, 3),
+              "train_step": {**timing, "model_gflop": round(flops / 1e9, 2)}}
+    if device.type != "cuda":
+        ceiling = cpu_gemm_ceiling(width=SMALL["width"], mlp_ratio=SMALL["mlp_ratio"],
+                                   token_counts=(SMALL["batch"] * SMALL["frames"] * 17,))
+        result["cpu_fp32_gemm_ceiling"] = ceiling
+        result["train_step"]["peak_rss_mib"] = _rss_peak_mib()
+        result["train_step"]["lower_bound_s_at_gemm_ceiling"] = round(flops / 1e9 / ceiling["gflops"], 4)
+        # CPU seconds against the ceiling at the threads used: robust to other processes' load
+        result["train_step"]["fraction_of_gemm_ceiling"] = round(
+            flops / 1e9 / ceiling["gflops"] / (timing["median_cpu_s"] / ceiling["threads"]), 3)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
-    parser.add_argument("--cases", default="a,b", help="comma-separated cases (a, b)")
+    parser.add_argument("--cases", default="a,b,t,s", help="comma-separated cases (a, b, t: training throughput "
+                        "at 243 frames, CUDA; s: the small preset's training step)")
+    parser.add_argument("--train-batches", default=",".join(map(str, TRAIN_BATCHES)),
+                        help="case t: batches to time (default 4,8,16,32)")
+    parser.add_argument("--compile", default="none", help="case t: torch.compile mode of the denoiser")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
@@ -350,6 +469,21 @@ def main(argv: list[str] | None = None) -> int:
            "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
            "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "results": []}
     for name in [c.strip() for c in args.cases.split(",") if c.strip()]:
+        if name == "s":
+            for dev in devices:
+                if dev == "cuda" and not torch.cuda.is_available():
+                    continue
+                out["results"].append(run_small(dev, args.repeats, args.warmup))
+            continue
+        if name == "t":
+            if "cuda" not in devices or not torch.cuda.is_available():
+                out["results"].append({"case": "t", "device": "cuda", "skipped": "case t (243 frames, batch 4-32 "
+                                       "training) runs on CUDA only; no CUDA device here" if "cuda" in devices
+                                       else "case t runs on CUDA only"})
+            else:
+                batches = tuple(int(b) for b in args.train_batches.split(","))
+                out["results"].append(run_train_throughput("cuda", args.repeats, args.warmup, batches, args.compile))
+            continue
         for dev in devices:
             if dev not in CASES[name]["devices"]:
                 out["results"].append({"case": name, "device": dev, "skipped": f"case {name} runs on CUDA only "

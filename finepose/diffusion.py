@@ -192,6 +192,20 @@ class GaussianDiffusion(nn.Module):
     def extra_repr(self) -> str:
         return f"timesteps={self.num_timesteps}, cosine_s={self.cosine_s}, scale={self.scale}, clamp={self.clamp}"
 
+    def host_schedule(self) -> dict[str, list[float]]:
+        """The schedule values the sampler needs, as Python floats (float64), read from the buffers once.
+
+        Cached against the buffers' identity and version, so a ``load_state_dict`` or ``.to()`` (which
+        replace or rewrite the buffers) refreshes it; the DDIM loop then never reads a device tensor back.
+        """
+        names = ("alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod")
+        key = tuple((id(getattr(self, n)), getattr(self, n)._version) for n in names)
+        cached = self.__dict__.get("_host_schedule")
+        if cached is None or cached[0] != key:
+            cached = (key, {n: getattr(self, n).detach().cpu().tolist() for n in names})
+            self.__dict__["_host_schedule"] = cached
+        return cached[1]
+
     def _at(self, name: str, t: torch.Tensor, ndim: int) -> torch.Tensor:
         """float64 buffer values at timesteps ``t`` (N,), shaped (N, 1, ..., 1) for broadcasting."""
         values = getattr(self, name)[t.to(device=getattr(self, name).device, dtype=torch.long)]
@@ -310,10 +324,13 @@ class GaussianDiffusion(nn.Module):
         """
         if t_next < 0:
             return x0
-        tt = torch.full((y_t.shape[0],), t, dtype=torch.long)
-        eps_t = self.predict_noise_from_x0(y_t, tt, x0)  # (3a)
-        a_t = self.alphas_cumprod[t].item()
-        a_next = self.alphas_cumprod[t_next].item()
+        host = self.host_schedule()
+        # (3a) with the float64 schedule values as Python scalars: the same float64 arithmetic as
+        # predict_noise_from_x0, but no device tensor is indexed or read back (no host sync per step)
+        eps_t = ((host["sqrt_recip_alphas_cumprod"][t] * y_t.double() - x0.double())
+                 / host["sqrt_recipm1_alphas_cumprod"][t]).to(y_t.dtype)
+        a_t = host["alphas_cumprod"][t]
+        a_next = host["alphas_cumprod"][t_next]
         sigma = eta * math.sqrt((1 - a_next) / (1 - a_t) * (1 - a_t / a_next))  # (3b)
         c = math.sqrt(max(1 - a_next - sigma**2, 0.0))
         y_next = math.sqrt(a_next) * x0 + c * eps_t

@@ -39,6 +39,7 @@ from finepose.io import FinePoseError, atomic_path, atomic_write_json, sha256_fi
 log = logging.getLogger("finepose.evaluate")
 
 METRICS = ("mpjpe", "p_mpjpe", "n_mpjpe", "mpjve", "pck", "auc")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
 # --------------------------------------------------------------------------------------
@@ -71,47 +72,128 @@ def window_noise(seed: int, window_ids: Seq[int], hypotheses: int, steps: int, s
     return noise, (torch.stack(per_step, dim=1) if per_step else None)
 
 
+@dataclass
+class _HostBatch:
+    """A batch's host-side inputs: everything but the sampling itself."""
+    idx: np.ndarray
+    seq: np.ndarray
+    batch: Batch
+    scored: np.ndarray
+    noise: torch.Tensor
+    step_noise: torch.Tensor | None
+
+
+def _host_batch(source: ClipSource, windows: EvalWindows, ids: np.ndarray, lo: int, batch_size: int, frames: int,
+                hypotheses: int, steps: int, seed: int, pin: bool = False) -> _HostBatch:
+    idx = np.arange(lo, min(lo + batch_size, len(windows)))
+    w = windows.take(idx)
+    batch = gather(source, w.seq, w.start, None, frames)
+    _, scored = scored_rows(source, w, frames)
+    noise, step_noise = window_noise(seed, ids[idx], hypotheses, steps, (frames, batch.x2d.shape[2], 3))
+    if pin:   # page-locked: the copies to the GPU are then asynchronous
+        noise = noise.pin_memory()
+        step_noise = None if step_noise is None else step_noise.pin_memory()
+    return _HostBatch(idx, w.seq, batch, scored, noise, step_noise)
+
+
 @torch.no_grad()
 def predict_windows(model, diffusion, source: ClipSource, windows: EvalWindows, *, frames: int, hypotheses: int,
                     steps: int, eta: float = 1.0, flip: bool = True, batch_size: int = 8, seed: int = 0,
                     device: torch.device | str = "cpu", amp: bool = True,
-                    window_ids: np.ndarray | None = None) -> Iterator[WindowResult]:
+                    window_ids: np.ndarray | None = None, prefetch: bool | None = None) -> Iterator[WindowResult]:
     """DDIM-sample H hypotheses in M steps for each window, ``batch_size`` windows at a time.
 
+    Batches are consecutive windows of the whole split, so one batch spans several
+    sequences (the Scorer reassembles them); the noise is drawn per window (window_noise),
+    so results depend on neither the batch size nor the order.
+    prefetch: prepare the next batch's host inputs (gather, noise) in a thread while the
+    device samples the current one (default: on CUDA only; the same inputs either way).
     The predicted root joint is set to 0 (targets are root-relative), as the official code does.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from finepose.diffusion import flip_averaged, pose_mirror
 
     device = torch.device(device)
     ids = np.arange(len(windows)) if window_ids is None else np.asarray(window_ids)
     mirror = pose_mirror(source.joint_set.flip_permutation)
     use_amp = amp and device.type == "cuda"
+    prefetch = device.type == "cuda" if prefetch is None else prefetch
+    batch_size = max(1, int(batch_size))
     model.eval()
-    for lo in range(0, len(windows), batch_size):
-        idx = np.arange(lo, min(lo + batch_size, len(windows)))
-        w = windows.take(idx)
-        batch = gather(source, w.seq, w.start, None, frames)
-        _, scored = scored_rows(source, w, frames)
-        b, joints = len(idx), batch.x2d.shape[2]
-        x2d = torch.from_numpy(batch.x2d).to(device)                  # (b, F, J, 2): one per clip, not per hypothesis
-        prompts = model.encode_prompts([source.actions[a] for a in batch.action_id])   # one per clip
+    starts = list(range(0, len(windows), batch_size))
+    cuda = device.type == "cuda"
+    host = lambda lo: _host_batch(source, windows, ids, lo, batch_size, frames, hypotheses, steps, seed,  # noqa: E731
+                                  pin=cuda and prefetch)
+    mark_step = getattr(getattr(torch, "compiler", None), "cudagraph_mark_step_begin", None) if cuda else None
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finepose-prefetch") if prefetch else None
+    try:
+        pending = pool.submit(host, starts[0]) if pool is not None and starts else None
+        for k, lo in enumerate(starts):
+            if pool is not None:
+                hb = pending.result()
+                pending = pool.submit(host, starts[k + 1]) if k + 1 < len(starts) else None
+            else:
+                hb = host(lo)
+            batch, b = hb.batch, len(hb.idx)
+            joints = batch.x2d.shape[2]
+            x2d = torch.from_numpy(batch.x2d).to(device)              # (b, F, J, 2): one per clip, not per hypothesis
+            prompts = model.encode_prompts([source.actions[a] for a in batch.action_id])   # one per clip
 
-        def closed(inputs_2d):
-            def denoise(y_t, t):
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                    return model(y_t, inputs_2d, t, prompts).float()
-            return denoise
+            def closed(inputs_2d):
+                def denoise(y_t, t):
+                    if mark_step is not None:    # CUDA graphs (compile mode reduce-overhead): a new replay
+                        mark_step()
+                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                        out = model(y_t, inputs_2d, t, prompts).float()
+                    # a CUDA graph's output buffer is overwritten by its next replay (the flip's second call)
+                    return out.clone() if cuda else out
+                return denoise
 
-        denoise = closed(x2d)
-        if flip:
-            denoise = flip_averaged(denoise, mirror, closed(mirror(x2d)))
-        noise, step_noise = window_noise(seed, ids[idx], hypotheses, steps, (frames, joints, 3))
-        x0 = diffusion.ddim_sample(denoise, (b, frames, joints, 3), hypotheses=hypotheses, steps=steps, eta=eta,
-                                   noise=noise.to(device), step_noise=None if step_noise is None
-                                   else step_noise.to(device), device=device)
-        if source.joint_set.root is not None:   # the target root is 0 by construction (as the official code)
-            x0[..., source.joint_set.root, :] = 0
-        yield WindowResult(index=ids[idx], seq=w.seq, batch=batch, scored=scored, x0=x0.float())
+            denoise = closed(x2d)
+            if flip:
+                denoise = flip_averaged(denoise, mirror, closed(mirror(x2d)))
+            x0 = diffusion.ddim_sample(denoise, (b, frames, joints, 3), hypotheses=hypotheses, steps=steps, eta=eta,
+                                       noise=hb.noise.to(device, non_blocking=True),
+                                       step_noise=None if hb.step_noise is None
+                                       else hb.step_noise.to(device, non_blocking=True), device=device)
+            if source.joint_set.root is not None:   # the target root is 0 by construction (as the official code)
+                x0[..., source.joint_set.root, :] = 0
+            yield WindowResult(index=ids[hb.idx], seq=hb.seq, batch=batch, scored=hb.scored, x0=x0.float())
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def auto_batch_size(model, diffusion, source: ClipSource, windows: EvalWindows, *, frames: int, hypotheses: int,
+                    steps: int, flip: bool, device: torch.device | str, amp: bool, modes: Seq[str], root: str,
+                    intrinsics: np.ndarray | None, fraction: float = 0.8, cap: int = 1024) -> tuple[int, dict]:
+    """Windows per batch that fill ``fraction`` of the CUDA device's free memory: (batch size, how).
+
+    Measures the peak memory of one window's sampling (all M steps, flip) and aggregation in
+    every mode (fixed costs such as the prompt branch included: an overestimate), and divides
+    the free memory (the driver's free memory plus what PyTorch's cache holds unused) by it.
+    On CPU there is no such measure: returns (8, ...) and callers use the configured size.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or len(windows) == 0:
+        return 8, {"batch_size": 8, "reason": "not a CUDA device: the configured eval.batch_size applies"}
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    probe = windows.take(np.arange(1))
+    for res in predict_windows(model, diffusion, source, probe, frames=frames, hypotheses=hypotheses, steps=steps,
+                               flip=flip, batch_size=1, device=device, amp=amp, prefetch=False):
+        aggregate_window_batch(res, source, modes, root, intrinsics)
+    torch.cuda.synchronize(device)
+    per_window = torch.cuda.max_memory_allocated(device) - base
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    size = int(max(1, min(cap, len(windows), (free * fraction) // max(per_window, 1))))
+    torch.cuda.empty_cache()
+    return size, {"batch_size": size, "per_window_mib": round(per_window / 2**20, 1),
+                  "free_mib": round(free / 2**20, 1), "fraction": fraction,
+                  "reason": f"{fraction:.0%} of the free device memory / measured peak per window"}
 
 
 # --------------------------------------------------------------------------------------
@@ -418,7 +500,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                         help="test-time flip averaging (default: eval.flip)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's seed)")
-    parser.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: eval.batch_size)")
+    parser.add_argument("--batch-size", type=_batch_size, default=None,
+                        help="windows per sampling call, across sequences: N or 'auto' (sized to the free GPU "
+                             "memory; default on CUDA); default on CPU: eval.batch_size. Results do not depend on it")
     parser.add_argument("--split", default=None, help="split to score (default: eval.split, 'test')")
     parser.add_argument("--subjects", nargs="+", default=None, help="score only these subjects")
     parser.add_argument("--modes", nargs="+", default=None, help="aggregation modes (default: all of finepose.aggregate)")
@@ -427,6 +511,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast on CUDA (default: the run's train.amp; --no-amp scores in float32)")
+    parser.add_argument("--compile", choices=COMPILE_MODES, default="none",
+                        help="torch.compile the denoiser with this mode (reduce-overhead: CUDA graphs); "
+                             "pays on CUDA only (default: none)")
     parser.add_argument("--out", required=True,
                         help="METRICS_DIR: summary.json, frames.parquet (created and checked before any work)")
 
@@ -435,8 +522,20 @@ def run(args: argparse.Namespace) -> int:
     evaluate(Path(args.checkpoint), Path(args.out), data_dir=args.data, source_2d=args.source_2d,
              hypotheses=args.hypotheses, steps=args.steps, eta=args.eta, flip=args.flip, seed=args.seed,
              batch_size=args.batch_size, split=args.split, subjects=args.subjects, modes=args.modes,
-             root_trajectory=args.root_trajectory, device=args.device, amp=args.amp)
+             root_trajectory=args.root_trajectory, device=args.device, amp=args.amp, compile=args.compile)
     return 0
+
+
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got {text!r}")
+    return value
 
 
 def resolve_device(name: str) -> torch.device:
@@ -524,11 +623,18 @@ def evaluate(checkpoint: Path, out_dir: Path, *, data_dir: str | Path | None = N
              flip: bool | None = None, seed: int | None = None, batch_size: int | None = None,
              split: str | None = None, subjects: Seq[str] | None = None, modes: Seq[str] | None = None,
              root_trajectory: str | None = None, device: str = "auto", progress: bool | None = None,
-             amp: bool | None = None) -> dict[str, Any]:
+             amp: bool | None = None, compile: str = "none", overlap: bool | None = None) -> dict[str, Any]:
     """Score ``checkpoint``; writes out_dir/summary.json and out_dir/frames.parquet; returns the summary.
 
+    batch_size: windows per sampling call, taken across sequences; an integer, or "auto" (sized
+    to the free device memory, auto_batch_size). None: "auto" on CUDA, eval.batch_size on CPU.
+    Results do not depend on it (noise is drawn per window).
     progress: a tqdm bar (True), periodic log lines (False), or a bar only when stderr is a terminal (None).
     amp: bf16 autocast on CUDA (None: the run config's train.amp; ignored on CPU).
+    compile: "none", or a torch.compile mode for the denoiser ("default", "reduce-overhead": CUDA
+    graphs, "max-autotune"); it pays on CUDA only (on CPU compiling takes minutes and gains nothing).
+    overlap: score a batch on the CPU (in a thread) while the device samples the next, and prepare
+    the next batch's inputs ahead (None: on CUDA only). The same numbers either way.
     """
     from finepose.aggregate import MODES, ORACLE_MODES, REPROJECTION_MODES
     from finepose.runconfig import DEFAULTS
@@ -554,7 +660,13 @@ def evaluate(checkpoint: Path, out_dir: Path, *, data_dir: str | Path | None = N
     eta = ev["eta"] if eta is None else eta
     flip = ev["flip"] if flip is None else flip
     seed = run_cfg.get("seed", 0) if seed is None else seed
-    batch_size = batch_size or ev["batch_size"]
+    if batch_size is None:
+        batch_size = "auto" if dev.type == "cuda" else ev["batch_size"]
+    if batch_size != "auto" and not (isinstance(batch_size, int) and batch_size >= 1):
+        raise FinePoseError(f"batch size must be an integer >= 1 or 'auto', got {batch_size!r}")
+    if compile not in COMPILE_MODES:
+        raise FinePoseError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+    overlap = dev.type == "cuda" if overlap is None else bool(overlap)
     split = split or ev["split"]
     root_trajectory = root_trajectory or ev["root_trajectory"]
     modes = list(modes or MODES)
@@ -604,11 +716,22 @@ def evaluate(checkpoint: Path, out_dir: Path, *, data_dir: str | Path | None = N
              checkpoint, dataset, split, source_2d, source.num_sequences, source.num_frames, len(windows), frames,
              hypotheses, steps, flip)
     amp = bool(run_cfg.get("train", {}).get("amp", True)) if amp is None else bool(amp)
+    sizing = None
+    if batch_size == "auto":      # measured eagerly (compiled code needs no more memory), before compiling
+        batch_size, sizing = auto_batch_size(model, diffusion, source, windows, frames=frames,
+                                             hypotheses=hypotheses, steps=steps, flip=flip, device=dev, amp=amp,
+                                             modes=modes, root=root_trajectory, intrinsics=intrinsics)
+        if dev.type != "cuda":
+            batch_size = ev["batch_size"]
+        log.info("batch size %d windows (%s)", batch_size, sizing["reason"])
+    if compile != "none":
+        model.compile(mode=compile, dynamic=False)
     bar = Progress(len(windows), "windows", f"evaluate {source_2d} H={hypotheses} M={steps}", show_bar=progress)
-    for res in predict_windows(model, diffusion, source, windows, frames=frames, hypotheses=hypotheses, steps=steps,
-                               eta=eta, flip=flip, batch_size=batch_size, seed=seed, device=dev, amp=amp):
-        scorer.add(res, aggregate_window_batch(res, source, modes, root_trajectory, intrinsics))
-        bar.update(len(res.index))
+    score_windows(predict_windows(model, diffusion, source, windows, frames=frames, hypotheses=hypotheses,
+                                  steps=steps, eta=eta, flip=flip, batch_size=batch_size, seed=seed, device=dev,
+                                  amp=amp, prefetch=overlap),
+                  scorer, lambda res: aggregate_window_batch(res, source, modes, root_trajectory, intrinsics),
+                  bar, overlap)
     bar.close()
 
     oracle = {m: m in ORACLE_MODES for m in modes}
@@ -632,7 +755,8 @@ def evaluate(checkpoint: Path, out_dir: Path, *, data_dir: str | Path | None = N
         "subjects": sorted({m["subject"] for m in source.sequences}), "data_dir": str(data_dir),
         "data_source_files": meta.get("source_files"), "frames_per_window": frames, "windows": len(windows),
         "frames_total": source.num_frames, "frames_scored": scorer.scored_frames, "every_frame_once": True,
-        "multi_human": multi, "device": str(dev), "wall_s": None,
+        "multi_human": multi, "device": str(dev), "wall_s": None, "batch_size": batch_size,
+        "batch_sizing": sizing, "compile": compile, "overlap": overlap,
         "precision": "bf16 autocast" if amp and dev.type == "cuda" else "float32",
         "grouping": ("video: frames of all characters pooled; activity: mean of video means; all: mean of "
                      "activity means (Table 6)") if multi else "frame-pooled means per group",
@@ -654,6 +778,34 @@ def evaluate(checkpoint: Path, out_dir: Path, *, data_dir: str | Path | None = N
         log.info("%-7s%s MPJPE %.2f mm  P-MPJPE %.2f mm", r["mode"], " (oracle)" if r["oracle"] else "",
                  r["mpjpe"] or float("nan"), r["p_mpjpe"] or float("nan"))
     return summary
+
+
+def score_windows(results: Iterator[WindowResult], scorer: Scorer, aggregate_fn, bar: Progress | None = None,
+                  overlap: bool = False) -> None:
+    """Aggregate every batch of ``results`` and hand it to ``scorer``, in order.
+
+    overlap: run the scorer (CPU: metrics, Procrustes) in a worker thread, so the device
+    samples the next batch meanwhile; batches are scored strictly in order either way.
+    """
+    if not overlap:
+        for res in results:
+            scorer.add(res, aggregate_fn(res))
+            if bar is not None:
+                bar.update(len(res.index))
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finepose-score") as pool:
+        pending = None
+        for res in results:
+            agg = aggregate_fn(res)                  # device work, then one copy to the host
+            if pending is not None:
+                pending.result()                     # re-raises a scoring error here
+            pending = pool.submit(scorer.add, res, agg)
+            if bar is not None:
+                bar.update(len(res.index))
+        if pending is not None:
+            pending.result()
 
 
 def _json_bytes(obj: Any) -> bytes:

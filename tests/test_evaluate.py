@@ -282,3 +282,80 @@ def test_relative_data_dir_is_found_from_another_working_directory(tmp_path, mon
     lone.write_bytes(ckpt.read_bytes())
     with pytest.raises(FinePoseError, match=r"data\.dir 'results/data/h36m' is relative .*pass --data DIR"):
         evaluate(lone, elsewhere / "m2", device="cpu")
+
+
+def _rows(summary):
+    return {(r["mode"], r["step"], r["group"], r["key"]): r for r in summary["results"]}
+
+
+def _assert_same_metrics(a, b, rel):
+    ra, rb = _rows(a), _rows(b)
+    assert ra.keys() == rb.keys()
+    for key, row in ra.items():
+        other = rb[key]
+        assert row["frames"] == other["frames"], key
+        for metric in ("mpjpe", "p_mpjpe", "n_mpjpe", "mpjve"):
+            if row[metric] is None:
+                assert other[metric] is None, (key, metric)
+            else:
+                assert other[metric] == pytest.approx(row[metric], rel=rel, abs=rel), (key, metric)
+
+
+def test_cross_sequence_batching_and_overlap_score_like_one_window_at_a_time(h36m, tmp_path):
+    """Batch size 1 never mixes sequences; one batch of all 6 windows spans all three, with the
+    scoring thread and input prefetching on (the CUDA defaults): every metric of every mode,
+    step and group within 1e-6, and the per-frame table the same."""
+    data, ckpt, _, _ = h36m
+    per_seq = evaluate(ckpt, tmp_path / "one", data_dir=data, hypotheses=3, steps=2, batch_size=1, device="cpu",
+                       overlap=False)
+    across = evaluate(ckpt, tmp_path / "all", data_dir=data, hypotheses=3, steps=2, batch_size=64, device="cpu",
+                      overlap=True)
+    assert per_seq["provenance"]["windows"] == 6 and across["provenance"]["batch_size"] == 64
+    assert across["provenance"]["overlap"] is True and per_seq["provenance"]["overlap"] is False
+    _assert_same_metrics(per_seq, across, rel=1e-6)
+    one = pq.read_table(tmp_path / "one" / "frames.parquet").to_pandas()
+    alls = pq.read_table(tmp_path / "all" / "frames.parquet").to_pandas()
+    key = ["mode", "sequence", "frame"]
+    one, alls = one.sort_values(key).reset_index(drop=True), alls.sort_values(key).reset_index(drop=True)
+    assert (one[key] == alls[key]).all().all()
+    np.testing.assert_allclose(alls["mpjpe"].to_numpy(float), one["mpjpe"].to_numpy(float), rtol=1e-6, atol=1e-6)
+
+
+def test_default_batch_size_on_cpu_is_the_configured_one_and_auto_falls_back_to_it(h36m, tmp_path):
+    from finepose.evaluate import _batch_size
+
+    data, ckpt, _, summary = h36m
+    auto = evaluate(ckpt, tmp_path / "auto", data_dir=data, hypotheses=3, steps=2, batch_size="auto", device="cpu",
+                    modes=["mean"])
+    assert auto["provenance"]["batch_size"] == auto["provenance"]["run_config"]["eval"]["batch_size"]
+    assert "not a CUDA device" in auto["provenance"]["batch_sizing"]["reason"]
+    want = _rows(summary)
+    for key, row in _rows(auto).items():
+        assert row["mpjpe"] == pytest.approx(want[key]["mpjpe"], rel=1e-6)
+    assert _batch_size("auto") == "auto" and _batch_size("12") == 12
+    with pytest.raises(Exception, match="integer >= 1 or 'auto'"):
+        _batch_size("0")
+    with pytest.raises(FinePoseError, match="integer >= 1 or 'auto'"):
+        evaluate(ckpt, tmp_path / "bad", data_dir=data, batch_size=0.5, device="cpu")
+    with pytest.raises(FinePoseError, match="compile must be one of"):
+        evaluate(ckpt, tmp_path / "bad", data_dir=data, compile="fast", device="cpu")
+
+
+@pytest.mark.gpu
+def test_cuda_evaluation_matches_cpu_float32(h36m, tmp_path):
+    """GPU: auto batch size, overlap, float32 and bf16 autocast, and CUDA graphs (torch.compile
+    reduce-overhead) against the CPU float32 numbers. Tolerances: float32 on CUDA 1e-3 relative
+    (TF32 off by default in PyTorch for matmuls; different kernels and reduction orders), bf16 5e-2."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("gpu: no CUDA device")
+    data, ckpt, _, summary = h36m
+    fp32 = evaluate(ckpt, tmp_path / "fp32", data_dir=data, hypotheses=3, steps=2, device="cuda", amp=False)
+    assert fp32["provenance"]["batch_sizing"]["per_window_mib"] > 0 and fp32["provenance"]["overlap"] is True
+    _assert_same_metrics(summary, fp32, rel=1e-3)
+    bf16 = evaluate(ckpt, tmp_path / "bf16", data_dir=data, hypotheses=3, steps=2, device="cuda", amp=True)
+    _assert_same_metrics(summary, bf16, rel=5e-2)
+    graphs = evaluate(ckpt, tmp_path / "graphs", data_dir=data, hypotheses=3, steps=2, device="cuda", amp=True,
+                      compile="reduce-overhead", batch_size=2)
+    _assert_same_metrics(summary, graphs, rel=5e-2)

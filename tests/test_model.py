@@ -337,6 +337,7 @@ def test_cpu_kernels_keep_float32_math_and_restore_settings():
     assert (tuned - reference).abs().max() <= 1e-5 * reference.abs().max()
 
 
+@pytest.mark.gpu
 def test_model_on_cuda_matches_cpu():
     """GPU correctness: the denoiser, a training step and a flip sampling call on CUDA agree with CPU float32."""
     if not torch.cuda.is_available():
@@ -376,3 +377,47 @@ def test_model_on_cuda_matches_cpu():
     on_gpu = sample(gpu, GaussianDiffusion().cuda(), x2d.cuda(), actions, hypotheses=3, steps=2,
                     flip_permutation=flip, noise=noise.cuda(), step_noise=step_noise.cuda())
     assert on_gpu.is_cuda and (on_gpu.cpu() - on_cpu).abs().max() <= 1e-3 * on_cpu.abs().max()
+
+
+def test_explicit_cpu_attention_matches_sdpa_and_the_switch_restores():
+    """The denoiser's CPU attention (plain matmul-softmax-matmul) is SDPA's math to float32 rounding."""
+    import torch.nn.functional as F
+
+    from finepose.model.perf import attention, set_cpu_attention
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((6, 4, 17, 12), (3, 8, 27, 64), (2, 4, 459, 16)):
+        q, k, v = (torch.randn(*shape, generator=g) for _ in range(3))
+        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+        assert (attention(q, k, v).double() - ref).abs().max() <= 1e-5
+    model = tiny().eval()
+    y, x2d, t = inputs(2, 2)
+    with torch.no_grad():
+        explicit = model(y, x2d, t, ["Walking", "Eating"])
+        previous = set_cpu_attention("sdpa")
+        try:
+            fused = model(y, x2d, t, ["Walking", "Eating"])
+        finally:
+            assert set_cpu_attention(previous) == "sdpa"
+    assert previous == "explicit"
+    assert (explicit - fused).abs().max() <= 1e-5 * fused.abs().max()
+    with pytest.raises(ValueError, match="explicit"):
+        set_cpu_attention("flash")
+
+
+def test_ddim_step_reads_the_schedule_once_and_follows_new_buffers():
+    """The DDIM step's host copy of the schedule equals the buffers and is refreshed when they change."""
+    from finepose.diffusion import GaussianDiffusion
+
+    d = GaussianDiffusion(timesteps=100)
+    host = d.host_schedule()
+    assert host["alphas_cumprod"] == d.alphas_cumprod.tolist() and d.host_schedule() is host
+    y, x0 = torch.randn(2, 5, 17, 3), torch.randn(2, 5, 17, 3)
+    eps = d.predict_noise_from_x0(y, torch.full((2,), 50), x0)
+    a_t, a_next = d.alphas_cumprod[50].item(), d.alphas_cumprod[30].item()
+    want = a_next ** 0.5 * x0 + (1 - a_next) ** 0.5 * eps              # eta = 0
+    assert torch.equal(d.ddim_step(y, x0, 50, 30, 0.0, None), want)
+    state = {k: v.clone() for k, v in d.state_dict().items()}
+    state["alphas_cumprod"][50] = 0.5
+    d.load_state_dict(state)
+    assert d.host_schedule()["alphas_cumprod"][50] == 0.5

@@ -16,7 +16,8 @@ F(t) is the timestep embedding: sinusoid(D) -> Linear(D, 2D) -> GELU -> Linear(2
 Blocks are pre-norm (MHSA with qkv bias, MLP ratio 2, GELU), drop path linear from 0
 to ``drop_path``; block and backbone LayerNorms use eps 1e-6, the head, FPC, PTS and
 text LayerNorms PyTorch's default 1e-5 (as released). All attention is
-``torch.nn.functional.scaled_dot_product_attention``.
+``finepose.model.perf.attention``: ``scaled_dot_product_attention`` on CUDA, its plain
+matmul-softmax-matmul form on CPU (faster there at these short sequences; same math).
 
 Layer names follow the paper; ``finepose.model.official`` maps the released names
 (``STEblocks``, ``temporal_cross_attn`` ...) onto them.
@@ -33,6 +34,7 @@ from torch import nn
 from finepose.io import FinePoseError
 from finepose.model.clip_text import load_text_weights
 from finepose.model.config import ModelConfig, variant_of
+from finepose.model.perf import attention
 from finepose.model.prompts import PartAwarePrompts, PromptEncoding
 
 BACKBONE_LN_EPS = 1e-6
@@ -65,7 +67,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, length, dim = x.shape
         q, k, v = self.qkv(x).view(n, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)  # (n, heads, L, d)
+        out = attention(q, k, v)  # (n, heads, L, d)
         return self.proj(out.transpose(1, 2).reshape(n, length, dim))
 
 
@@ -148,7 +150,7 @@ class PromptPoseCommunication(nn.Module):
         q = q.reshape(b, -1, self.heads, d).transpose(1, 2)            # (B, heads, S, d)
         k = k.view(b, -1, self.heads, d).transpose(1, 2)               # (B, heads, L, d)
         v = v.view(b, -1, self.heads, d).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # (B, S, heads, d)
+        out = attention(q, k, v).transpose(1, 2)  # (B, S, heads, d)
         if compat_official:
             out = out.reshape(b, n * joints // b, frames, dim).transpose(0, 1)
         return out.reshape(n, joints, frames, dim)

@@ -10,11 +10,16 @@ actually down-convert; elsewhere oneDNN computes in float32. :func:`cpu_kernels`
 therefore probes once: it enables the routing only if a float32 matmul under it
 matches float64 to float32 accuracy, and otherwise leaves MKL in place.
 
-At the short sequences of this model (17 joints, tens of frames) the CPU flash
-attention kernel is slower than SDPA's math backend (batched matmuls), and with
-oneDNN routing its inner tiny GEMMs get slower still, so the context also selects
-the math backend of ``scaled_dot_product_attention``. For a CUDA device the context
-does nothing.
+At the short sequences of this model (17 joints, tens of frames) every CPU
+backend of ``scaled_dot_product_attention`` loses to the plain form
+softmax(q k^T / sqrt(d)) v: the math backend pays for its "safe softmax" checks
+(isneginf, all, where over every score), and the flash kernel's inner tiny GEMMs
+collapse under the oneDNN routing (up to 10x slower on the temporal shapes). So the
+denoiser's attention (:func:`attention`) is the plain form on CPU (switch:
+:func:`set_cpu_attention`) and SDPA (flash / cuDNN / memory-efficient kernels) on
+CUDA; the same float32 math either way. The context below also selects the math
+backend for the remaining SDPA calls on CPU (the CLIP text tower's causal attention).
+For a CUDA device the context does nothing.
 
     with cpu_kernels(device):
         loss = ...; loss.backward()
@@ -27,8 +32,29 @@ import logging
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
+CPU_ATTENTION = ("explicit", "sdpa")
+_cpu_attention = "explicit"
+
+
+def set_cpu_attention(kind: str) -> str:
+    """Choose the denoiser's attention on CPU: "explicit" (default; fastest measured here) or
+    "sdpa" (torch's scaled_dot_product_attention, whichever backend is active). Returns the previous one."""
+    global _cpu_attention
+    if kind not in CPU_ATTENTION:
+        raise ValueError(f"cpu attention must be one of {CPU_ATTENTION}, got {kind!r}")
+    previous, _cpu_attention = _cpu_attention, kind
+    return previous
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over (..., L, d) tensors: the plain form on CPU, SDPA elsewhere."""
+    if q.device.type == "cpu" and _cpu_attention == "explicit":
+        scores = torch.matmul(q * (q.shape[-1] ** -0.5), k.transpose(-2, -1))
+        return torch.matmul(scores.softmax(dim=-1), v)
+    return F.scaled_dot_product_attention(q, k, v)
 FP32_EXACT_TOLERANCE = 1e-5  # max relative error of a float32 GEMM (K = 512) is ~1e-6; bf16's ~1e-3
 
 
