@@ -443,7 +443,7 @@ def lift(checkpoint: Path, keypoints: Path, out_dir: Path, *, image_size: tuple[
         raise FinePoseError(f"--format must be one of {', '.join(INPUT_FORMATS)}, got {input_format!r}")
     if min(image_size) <= 0:
         raise FinePoseError(f"--image-size must be positive, got {image_size}")
-    check_output_dir(out_dir)                       # before any work: a bad --out fails now, not at the end
+    check_output_dir(out_dir, create=False)         # before any work: a bad --out fails now, not at the end
     if render is not None:
         check_render_path(Path(render))
     dev = resolve_device(device)
@@ -456,6 +456,7 @@ def lift(checkpoint: Path, keypoints: Path, out_dir: Path, *, image_size: tuple[
         raise FinePoseError(f"--mode {mode} reprojects the hypotheses and needs --intrinsics FX FY CX CY; "
                             "without them use --mode mean")
     check_input_format(input_format, model_joint_set(ckpt))
+    check_output_dir(out_dir)                       # created (and a write probed) only once the input is usable
     src_names = get_joint_set(input_format).joint_names
     tracks = read_keypoints(Path(keypoints), joints=len(src_names), joint_names=list(src_names))
     if not tracks:
