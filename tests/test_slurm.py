@@ -169,7 +169,8 @@ def final_state(job_id: str) -> L.JobState:
 # -------------------------------------------------------------------------------- tests
 def test_job_completes(slurm_cluster, tmp_path):
     out = tmp_path / "out"
-    proc = start_launcher(tmp_path, "count", ["launch_tasks:count", str(out), "--steps", "4", "--step-s", "0.05"])
+    # 4 steps of 1 s: long enough that a state poll sees the job RUNNING, not only PENDING then COMPLETED
+    proc = start_launcher(tmp_path, "count", ["launch_tasks:count", str(out), "--steps", "4", "--step-s", "1"])
     code, text, _ = finish(proc, 120)
     assert code == 0, text
     result = json.loads((out / "result.json").read_text())

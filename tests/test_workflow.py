@@ -11,6 +11,7 @@ Snakemake's own rerun decisions are what is tested.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -175,24 +176,34 @@ def test_cross_checks_name_the_key(wf: Path):
 
 
 def test_model_diffusion_train_entries_are_checked_before_any_job(wf: Path):
-    """The run-config sections (plain mappings in the schema) go through finepose/runconfig.py's checks at load."""
-    cfg = load_config(wf / "config.yaml")
+    """The run-config sections are checked at load, before any job: `train:` by the schema
+    (typed as $defs/train), `model:`/`diffusion:` (plain mappings there) by finepose/runconfig.py."""
+    original = load_config(wf / "config.yaml")
+    cfg = copy.deepcopy(original)
     cfg["train"]["lr_decya"] = 0.99                            # typo of lr_decay
+    cfg["experiments"][1]["train"] = {"epochs": 0}
+    save_config(wf / "config.yaml", cfg)
+    result = smk(wf, "-n", check=False)
+    text = result.stdout + result.stderr
+    assert result.returncode != 0
+    for expected in ("config.yaml: config is invalid", "train.lr_decya: unknown key; known keys: ",
+                     "experiments[1].train.epochs: 0 is less than the minimum of 1"):
+        assert expected in text, (expected, text[-3000:])
+    assert "Building DAG" not in text and "rule synth" not in text          # before any job
+
+    cfg = copy.deepcopy(original)
     cfg["model"]["width"] = "32"                               # a string where ModelConfig wants an integer
     cfg["diffusion"] = {"loss": "l1"}
-    cfg["experiments"][1]["train"] = {"epochs": 0}
     cfg["variants"]["m_prompt"]["model"] = {"drop_pth": 0.1}
     save_config(wf / "config.yaml", cfg)
     result = smk(wf, "-n", check=False)
     text = result.stdout + result.stderr
     assert result.returncode != 0
-    for expected in ("config.yaml: unknown key 'train.lr_decya'",
-                     "config.yaml: model.width must be an integer, got '32'",
+    for expected in ("config.yaml: model.width must be an integer, got '32'",
                      "config.yaml: diffusion.loss must be one of mpjpe, mse, got 'l1'",
-                     "config.yaml (experiments[1]): train.epochs must be an integer >= 1, got 0",
                      "config.yaml (variants.m_prompt): unknown key 'model.drop_pth'"):
         assert expected in text, (expected, text[-3000:])
-    assert "Building DAG" not in text and "rule synth" not in text          # before any job
+    assert "Building DAG" not in text and "rule synth" not in text
 
 
 def test_a_bad_combination_of_entries_names_the_run_and_the_file(wf: Path):
